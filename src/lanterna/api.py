@@ -1,0 +1,271 @@
+"""The composition root: ``ln.setup(...) → Setup → .fit(...) → Fitted`` (API.md §1)."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import random
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .callbacks.metrics import MetricsCallback
+from .callbacks.nan import TerminateOnNaN
+from .callbacks.progress import make_printer
+from .core.accelerator import Accelerator
+from .core.callback import Callback, Hooks
+from .core.context import Context
+from .core.loop import fit_loop
+from .core.losses import build_loss
+from .core.step import custom_step, make_forward, make_loss, train_step, valid_step
+from .data import BatchSource, make_source, split_valid
+from .errors import DataError, LanternaError
+from .metrics.base import split_metric_spec
+from .results import Fitted
+
+__all__ = ["setup", "Setup", "seed_everything"]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's (CPU and CUDA) global generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """A declared training setup: module, loss, optimizer, metrics and hyperparameters. Immutable; every
+    ``set_*`` returns a new Setup, so one Setup can be fitted many times.
+
+    >>> import lanterna as ln
+    >>> s = ln.setup(nn.Linear, loss=nn.MSELoss()).set_hparams(in_features=3, out_features=1)
+    >>> s.hparams
+    {'in_features': 3, 'out_features': 1}
+    """
+
+    module: Any
+    loss: Any = None
+    optimizer: Any = None
+    metrics: Any = None
+    loss_weights: Any = None
+    hparams: dict[str, Any] = dataclasses.field(default_factory=dict)
+    opt_hparams: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def set_hparams(self, **hparams: Any) -> Setup:
+        """Arguments the module (class or factory) is built with at fit time."""
+        return dataclasses.replace(self, hparams={**self.hparams, **hparams})
+
+    def set_opt_hparams(self, **opt_hparams: Any) -> Setup:
+        """Arguments the optimizer is built with (``lr=0.01``, ``weight_decay=...``)."""
+        return dataclasses.replace(self, opt_hparams={**self.opt_hparams, **opt_hparams})
+
+    # ------------------------------------------------------------------ building blocks
+    def build_model(self) -> nn.Module:
+        """Instantiate the module with the hparams (or return the given instance)."""
+        m = self.module
+        if isinstance(m, nn.Module):
+            if self.hparams:
+                raise LanternaError(
+                    f"set_hparams({', '.join(self.hparams)}) needs a module class or factory, but setup() got an "
+                    f"instance of {type(m).__name__}. Pass the class (ln.setup({type(m).__name__}, ...))."
+                )
+            return m
+        if not callable(m):
+            raise LanternaError(
+                f"setup() needs an nn.Module subclass, a factory returning a module, or a module instance; "
+                f"got {type(m).__name__}."
+            )
+        name = getattr(m, "__name__", type(m).__name__)
+        try:
+            inspect.signature(m).bind(**self.hparams)
+        except TypeError as e:
+            raise LanternaError(
+                f"{name} cannot be built with hparams {self.hparams}: {e}. Set its arguments with .set_hparams(...)."
+            ) from None
+        except ValueError:
+            pass
+        model = m(**self.hparams)
+        if not isinstance(model, nn.Module):
+            raise LanternaError(f"The factory {name} returned {type(model).__name__}, not an nn.Module.")
+        return model
+
+    def build_optimizers(self, model: nn.Module) -> dict[str, torch.optim.Optimizer]:
+        """The optimizers, created after the model is on its device: the module's ``set_optimizers`` or
+        ``optimizer(model.parameters(), **opt_hparams)`` (default Adam)."""
+        if callable(getattr(model, "set_optimizers", None)):
+            made = model.set_optimizers(**self.opt_hparams)
+            opts = dict(made) if isinstance(made, Mapping) else {"opt": made}
+        else:
+            factory = self.optimizer or torch.optim.Adam
+            if isinstance(factory, torch.optim.Optimizer):
+                raise LanternaError(
+                    f"optimizer= got an instance of {type(factory).__name__}; pass the class "
+                    f"(optimizer=torch.optim.{type(factory).__name__}) and its options with .set_opt_hparams(...). "
+                    "lanterna creates it after the model is on its device."
+                )
+            try:
+                opts = {"opt": factory(model.parameters(), **self.opt_hparams)}
+            except TypeError as e:
+                raise LanternaError(f"Could not create the optimizer with {self.opt_hparams}: {e}") from e
+        for name, opt in opts.items():
+            if not isinstance(opt, torch.optim.Optimizer):
+                raise LanternaError(f"Optimizer {name!r} is a {type(opt).__name__}, not a torch.optim.Optimizer.")
+        _check_param_coverage(model, opts)
+        return opts
+
+    # ------------------------------------------------------------------ fit
+    def fit(
+        self,
+        data: Any,
+        *,
+        epochs: int | tuple[int, int] = 10,
+        valid_data: Any = None,
+        callbacks: Sequence[Callback] | None = None,
+        verbose: bool | None = None,
+        accelerator: Accelerator | None = None,
+        dataloader_options: Mapping[str, Any] | None = None,
+        seed: int | None = None,
+    ) -> Fitted:
+        """Train and return a :class:`Fitted`.
+
+        Args:
+            data: training data in any form of API.md §2.
+            epochs: an int, or ``(min_epochs, max_epochs)``: early stopping never stops before min_epochs.
+            valid_data: validation data, or a fraction in (0, 1) of ``data`` held out (seeded, stratified).
+            callbacks: ``ln.Callback`` objects; a built-in one given here replaces the default of its type.
+            verbose: None (auto: luz-style lines, a live bar on terminals), True, or False (silent).
+            accelerator: an ``ln.Accelerator`` (device, precision, compile).
+            dataloader_options: options where lanterna builds the loader (batch_size=32, shuffle, ...).
+            seed: seeds model init, shuffling and the validation split.
+
+        >>> import lanterna as ln
+        >>> x, y = torch.randn(64, 3), torch.randn(64, 1)
+        >>> fitted = ln.setup(nn.Linear, loss=nn.MSELoss()).set_hparams(in_features=3, out_features=1).fit(
+        ...     (x, y), epochs=2, verbose=False)
+        >>> len(fitted.history)
+        2
+        """
+        min_epochs, max_epochs = _epochs(epochs)
+        acc = accelerator or Accelerator()
+        if seed is not None:
+            seed_everything(seed)
+        train_src, valid_src = _sources(data, valid_data, dataloader_options, seed)
+        model = self.build_model()
+        forward_model = acc.prepare_model(model)
+        train_src.to_device(acc.device)
+        if valid_src is not None:
+            valid_src.to_device(acc.device)
+        optimizers = self.build_optimizers(model)
+        has_step = callable(getattr(model, "step", None))
+        loss_fn = build_loss(self.loss, self.loss_weights, model, has_step)
+        train_metrics, valid_metrics = split_metric_spec(self.metrics)
+
+        ctx = Context(
+            model=model, forward_model=forward_model, optimizers=optimizers, loss_fn=loss_fn, accelerator=acc,
+            device=acc.device, scaler=acc.make_scaler(), train_data=train_src, valid_data=valid_src,
+            valid_name="valid", min_epochs=min_epochs, max_epochs=max_epochs, start_epoch=0,
+            verbose=verbose is not False, setup=self, custom_step=has_step,
+        )
+        defaults: list[Callback] = [TerminateOnNaN(), MetricsCallback(train_metrics, valid_metrics)]
+        printer = make_printer(verbose)
+        if printer is not None:
+            defaults.append(printer)
+        ctx.hooks = Hooks(_merge_callbacks(defaults, list(callbacks or [])))
+        ctx._forward = make_forward(ctx)
+        ctx._compute_loss = make_loss(ctx) if loss_fn is not None else None
+        ctx.train_step, ctx.valid_step = (custom_step, custom_step) if has_step else (train_step, valid_step)
+        for opt in optimizers.values():
+            opt.zero_grad(set_to_none=True)
+
+        t0 = time.perf_counter()
+        fit_loop(ctx)
+        return Fitted(
+            model=model, setup=self, history=ctx.history, optimizers=optimizers, accelerator=acc,
+            forward_model=forward_model, loss_fn=loss_fn, metrics=valid_metrics or train_metrics,
+            total_time=time.perf_counter() - t0, status=ctx.status, context=ctx,
+        )
+
+
+def setup(
+    module: type[nn.Module] | Callable[..., nn.Module] | nn.Module,
+    *,
+    loss: Any = None,
+    optimizer: Any = None,
+    metrics: Any = None,
+    loss_weights: Sequence[float] | Mapping[str, float] | None = None,
+) -> Setup:
+    """Declare what to train and how (API.md §1).
+
+    >>> import lanterna as ln
+    >>> s = ln.setup(nn.Linear, loss=nn.MSELoss(), optimizer=torch.optim.Adam, metrics=[ln.metrics.MAE()])
+    """
+    return Setup(module=module, loss=loss, optimizer=optimizer, metrics=metrics, loss_weights=loss_weights)
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _epochs(epochs: Any) -> tuple[int, int]:
+    if isinstance(epochs, (tuple, list)):
+        if len(epochs) != 2:
+            raise LanternaError(f"epochs={epochs!r}: give an int or (min_epochs, max_epochs).")
+        lo, hi = (int(e) for e in epochs)
+    else:
+        lo, hi = 0, int(epochs)
+    if hi < 1 or lo < 0 or lo > hi:
+        raise LanternaError(f"epochs={epochs!r}: need 1 <= max_epochs and 0 <= min_epochs <= max_epochs.")
+    return lo, hi
+
+
+def _sources(
+    data: Any, valid_data: Any, options: Mapping[str, Any] | None, seed: int | None
+) -> tuple[BatchSource, BatchSource | None]:
+    if data is None:
+        raise DataError("fit() needs training data: a DataLoader, a Dataset or (x, y) tensors/arrays.")
+    if isinstance(valid_data, (float, int)) and not isinstance(valid_data, bool):
+        gen = torch.Generator()
+        gen.manual_seed(seed if seed is not None else int(torch.randint(2**62, ()).item()))
+        return split_valid(data, float(valid_data), generator=gen, options=options)
+    train_src = make_source(data, train=True, options=options, what="training data")
+    if valid_data is None:
+        return train_src, None
+    valid_opts = {**options, "shuffle": False} if options else None
+    return train_src, make_source(valid_data, train=False, options=valid_opts, what="validation data")
+
+
+def _merge_callbacks(defaults: list[Callback], user: list[Callback]) -> list[Callback]:
+    for cb in user:
+        if not isinstance(cb, Callback):
+            raise LanternaError(
+                f"callbacks must be ln.Callback instances; got {cb!r}. Did you pass a class instead of an instance?"
+            )
+    user_types = {type(cb) for cb in user}
+    return [cb for cb in defaults if type(cb) not in user_types] + user
+
+
+def _check_param_coverage(model: nn.Module, opts: Mapping[str, torch.optim.Optimizer]) -> None:
+    owner: dict[int, str] = {}
+    for name, opt in opts.items():
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if id(p) in owner:
+                    pname = next((n for n, q in model.named_parameters() if q is p), "<unnamed>")
+                    raise LanternaError(
+                        f"Parameter {pname} is in optimizers {owner[id(p)]!r} and {name!r}; each parameter may be "
+                        "in only one optimizer. Split the parameters in set_optimizers."
+                    )
+                owner[id(p)] = name
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in owner]
+    if missing:
+        warnings.warn(
+            f"{len(missing)} trainable parameter(s) are in no optimizer and will not be trained: "
+            f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}. Add them in set_optimizers, or set "
+            "requires_grad=False to freeze them on purpose.",
+            stacklevel=3,
+        )

@@ -1,0 +1,38 @@
+"""Stop on a non-finite loss before the optimizer step that it would poison."""
+
+from __future__ import annotations
+
+import torch
+
+from ..core.callback import Callback
+from ..core.context import Context
+from ..errors import NonFiniteLossError
+
+__all__ = ["TerminateOnNaN"]
+
+
+class TerminateOnNaN(Callback):
+    """On by default: a NaN/Inf training loss raises :class:`NonFiniteLossError` before backward, so the
+    parameters keep the values of the last good step. Disable with
+    ``callbacks=[ln.callbacks.TerminateOnNaN(enabled=False)]``.
+
+    The check reads one boolean per batch; on CPU that costs no synchronisation.
+
+    >>> import lanterna as ln
+    >>> cb = ln.callbacks.TerminateOnNaN(enabled=False)
+    """
+
+    order = -1000
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+
+    def on_train_batch_before_backward(self, ctx: Context) -> None:
+        loss = ctx.backward_loss
+        if self.enabled and not bool(torch.isfinite(loss.detach()).all()):
+            kind = "NaN" if bool(torch.isnan(loss.detach()).any()) else "Inf"
+            raise NonFiniteLossError(
+                f"The training loss is {kind} at epoch {ctx.epoch}, batch {ctx.iter}; training stopped before "
+                "this batch's optimizer step, so the weights are those of the last good step. Lower the learning "
+                "rate, clip gradients (ln.callbacks.GradientClip) or check the data for NaN/Inf values."
+            )

@@ -1,0 +1,110 @@
+"""The callback base class and the precomputed hook dispatch."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from ..errors import CallbackError, LanternaError
+from .events import HOOKS, StopTraining
+
+if TYPE_CHECKING:
+    from .context import Context
+
+__all__ = ["Callback", "Hooks"]
+
+
+class Callback:
+    """Base class: override any hook of :data:`lanterna.core.events.HOOKS`; each receives ``ctx``.
+
+    Callbacks run in ascending ``order`` (default 0); ties keep the order they were given in.
+    A callback with state implements ``state_dict()`` / ``load_state_dict()`` and checkpoints store it.
+
+    >>> import lanterna as ln
+    >>> class PrintLoss(ln.Callback):
+    ...     def on_epoch_end(self, ctx):
+    ...         print(ctx.epoch, ctx.history[-1]["train_loss"])
+    """
+
+    order: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def _noop(ctx: Context) -> None:
+    pass
+
+
+for _hook in HOOKS:
+    setattr(Callback, _hook, _noop)
+
+
+# Exceptions that carry a decision (stop, prune, interrupt) pass through callbacks unchanged.
+_PASS_THROUGH = (StopTraining, LanternaError, KeyboardInterrupt, SystemExit)
+
+
+def _guarded(cb: Callback, hook: str, fn: Callable[[Context], None]) -> Callable[[Context], None]:
+    name = type(cb).__name__
+
+    def call(ctx: Context) -> None:
+        try:
+            fn(ctx)
+        except _PASS_THROUGH:
+            raise
+        except Exception as e:
+            if type(e).__name__ == "TrialPruned":  # optuna's decision, not a failure
+                raise
+            raise CallbackError(f"Callback {name} raised in {hook}: {type(e).__name__}: {e}") from e
+
+    return call
+
+
+class Hooks:
+    """For every hook, the tuple of callables of the callbacks that implement it (others cost nothing).
+
+    ``hooks.on_train_batch_end(ctx)`` calls each in order; ``hooks.has("on_train_batch_end")`` tells if any.
+    """
+
+    def __init__(self, callbacks: Iterable[Callback]) -> None:
+        self.callbacks = sorted(callbacks, key=lambda cb: getattr(cb, "order", 0))
+        self.table: dict[str, tuple[Callable[[Context], None], ...]] = {}
+        for hook in HOOKS:
+            fns = tuple(
+                _guarded(cb, hook, getattr(cb, hook))
+                for cb in self.callbacks
+                if getattr(type(cb), hook, _noop) is not _noop
+            )
+            self.table[hook] = fns
+            setattr(self, hook, self._dispatcher(fns))
+
+    @staticmethod
+    def _dispatcher(fns: tuple[Callable[[Context], None], ...]) -> Callable[[Context], None]:
+        if not fns:
+            return _noop
+        if len(fns) == 1:
+            return fns[0]
+
+        def dispatch(ctx: Context) -> None:
+            for fn in fns:
+                fn(ctx)
+
+        return dispatch
+
+    def has(self, hook: str) -> bool:
+        return bool(self.table[hook])
+
+    def describe(self) -> str:
+        """Which callbacks run at each hook (fastai's ``show_training_loop``)."""
+        lines = []
+        for hook in HOOKS:
+            names = [type(cb).__name__ for cb in self.callbacks if getattr(type(cb), hook, _noop) is not _noop]
+            if names:
+                lines.append(f"{hook}: {', '.join(names)}")
+        return "\n".join(lines)

@@ -1,0 +1,122 @@
+"""The training loop: epochs of a training phase and a validation phase, with hooks around each step."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from ..data import batch_size_of, split_batch
+from ..errors import DataError
+from .context import Context
+from .events import StopTraining
+
+__all__ = ["fit_loop", "run_phase"]
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def run_phase(ctx: Context, training: bool) -> None:
+    """One pass over the training (``training=True``) or validation data."""
+    hooks = ctx.hooks
+    ctx.training = training
+    ctx.set_name = "train" if training else ctx.valid_name
+    source = ctx.train_data if training else ctx.valid_data
+    ctx.num_batches = source.num_batches()
+    ctx.model.train(training)
+    if training:
+        begin, b_begin, b_end, end = (hooks.on_train_begin, hooks.on_train_batch_begin,
+                                      hooks.on_train_batch_end, hooks.on_train_end)
+        step = ctx.train_step
+    else:
+        begin, b_begin, b_end, end = (hooks.on_valid_begin, hooks.on_valid_batch_begin,
+                                      hooks.on_valid_batch_end, hooks.on_valid_end)
+        step = ctx.valid_step
+    begin(ctx)
+    i = 0
+    with torch.set_grad_enabled(training):
+        for i, batch in enumerate(source, 1):
+            ctx.iter = i
+            ctx.batch = batch
+            ctx.input, ctx.target = split_batch(batch)
+            ctx.batch_size = batch_size_of(ctx.input)
+            ctx.pred = ctx.loss = None
+            b_begin(ctx)
+            step(ctx)
+            if training:
+                ctx.step += 1
+            b_end(ctx)
+            if ctx.interrupted:
+                raise _Interrupted()
+    if i == 0:
+        raise DataError(
+            f"The {'training' if training else 'validation'} data yielded no batches. "
+            "Check that it is not empty (and that drop_last does not drop everything)."
+        )
+    end(ctx)
+
+
+def fit_loop(ctx: Context) -> None:
+    """Run epochs ``ctx.start_epoch + 1 .. ctx.max_epochs``; ``ctx.status`` tells how it ended."""
+    hooks = ctx.hooks
+    with _sigint_handler(ctx):
+        try:
+            hooks.on_fit_begin(ctx)
+            for epoch in range(ctx.start_epoch + 1, ctx.max_epochs + 1):
+                ctx.epoch = epoch
+                ctx.record = {"epoch": epoch}
+                t0 = time.perf_counter()
+                ctx.train_data.set_epoch(epoch)
+                hooks.on_epoch_begin(ctx)
+                run_phase(ctx, training=True)
+                if ctx.valid_data is not None:
+                    run_phase(ctx, training=False)
+                ctx.record["epoch_time"] = time.perf_counter() - t0
+                ctx.history.append(ctx.record)
+                hooks.on_epoch_end(ctx)
+                if ctx.stop_training:
+                    if epoch >= ctx.min_epochs:
+                        ctx.status = "stopped_early"
+                        hooks.on_early_stopping(ctx)
+                        break
+                    ctx.stop_training = False  # early stopping may not stop before min_epochs
+            else:
+                ctx.status = "completed"
+        except _Interrupted:
+            ctx.status = "interrupted"
+            hooks.on_interrupt(ctx)
+        except StopTraining:
+            ctx.status = "stopped"
+        except BaseException:
+            ctx.status = "failed"
+            raise
+        finally:
+            ctx.model.eval()
+            hooks.on_fit_end(ctx)
+
+
+@contextmanager
+def _sigint_handler(ctx: Context) -> Iterator[None]:
+    """First Ctrl-C: finish the current batch and return what was trained. Second: abort."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum: int, frame: object) -> None:
+        if ctx.interrupted:
+            raise KeyboardInterrupt
+        ctx.interrupted = True
+        if ctx.verbose:
+            print("\nInterrupted: stopping after the current batch (press Ctrl-C again to abort).", flush=True)
+
+    previous = signal.signal(signal.SIGINT, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -1,0 +1,83 @@
+"""The loss: one callable, several matched to outputs with weights, or the module's own ``loss``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from torch import Tensor, nn
+
+from ..errors import LanternaError
+
+__all__ = ["build_loss"]
+
+LossFn = Callable[[Any, Any], Tensor]
+
+
+def build_loss(loss: Any, loss_weights: Any, model: nn.Module, custom_step: bool) -> LossFn | None:
+    """Return ``(pred, target) -> scalar`` for the setup's ``loss`` and ``loss_weights``."""
+    if loss is None:
+        own = getattr(model, "loss", None)
+        if callable(own) and not isinstance(own, Tensor):
+            return own
+        if custom_step:
+            return None
+        raise LanternaError(
+            "No loss: pass loss=... to ln.setup (e.g. loss=nn.MSELoss()) or define loss(self, pred, target) "
+            "on the module."
+        )
+    if isinstance(loss, Mapping):
+        return _dict_loss(dict(loss), loss_weights)
+    if isinstance(loss, Sequence) and not isinstance(loss, str):
+        return _list_loss(list(loss), loss_weights)
+    if not callable(loss):
+        raise LanternaError(f"loss must be callable (pred, target) -> tensor; got {type(loss).__name__}.")
+    if isinstance(loss, type):
+        raise LanternaError(f"loss={loss.__name__} is a class; pass an instance, e.g. loss={loss.__name__}().")
+    return loss
+
+
+def _list_loss(losses: list[LossFn], weights: Any) -> LossFn:
+    n = len(losses)
+    w = [1.0] * n if weights is None else list(weights)
+    if len(w) != n:
+        raise LanternaError(f"loss_weights has {len(w)} entries but loss has {n}; give one weight per loss.")
+
+    def multi_loss(pred: Any, target: Any) -> Tensor:
+        if not isinstance(pred, (tuple, list)) or len(pred) != n:
+            got = f"a {type(pred).__name__} of {len(pred)} outputs" if isinstance(pred, (tuple, list)) else (
+                f"a single {type(pred).__name__}")
+            raise LanternaError(
+                f"loss is a list of {n} losses but the model returned {got}. Return one output per loss "
+                "(a tuple) or pass as many losses as outputs."
+            )
+        targets = target if isinstance(target, (tuple, list)) else [target] * n
+        if len(targets) != n:
+            raise LanternaError(f"{n} outputs but {len(targets)} targets; give one target per output or one shared.")
+        total = w[0] * losses[0](pred[0], targets[0])
+        for i in range(1, n):
+            total = total + w[i] * losses[i](pred[i], targets[i])
+        return total
+
+    multi_loss.parts = losses  # type: ignore[attr-defined]
+    return multi_loss
+
+
+def _dict_loss(losses: dict[str, LossFn], weights: Any) -> LossFn:
+    w = {k: 1.0 for k in losses} if weights is None else dict(weights)
+    if set(w) != set(losses):
+        raise LanternaError(f"loss_weights keys {sorted(w)} do not match loss keys {sorted(losses)}.")
+
+    def multi_loss(pred: Any, target: Any) -> Tensor:
+        if not isinstance(pred, Mapping) or not set(losses) <= set(pred):
+            got = sorted(pred) if isinstance(pred, Mapping) else type(pred).__name__
+            raise LanternaError(f"loss is a dict over outputs {sorted(losses)} but the model returned {got}.")
+        total = None
+        for k, fn in losses.items():
+            t = target[k] if isinstance(target, Mapping) else target
+            term = w[k] * fn(pred[k], t)
+            total = term if total is None else total + term
+        return total  # type: ignore[return-value]
+
+    multi_loss.parts = losses  # type: ignore[attr-defined]
+    return multi_loss

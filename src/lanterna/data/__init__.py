@@ -1,0 +1,18 @@
+"""Data adapters: anything accepted by fit/predict/evaluate → batches on the device."""
+
+from .adapters import make_source, split_valid, to_tensor_leaves
+from .sources import BatchSource, LoaderBatches, TensorBatches
+from .structure import batch_size_of, call_model, move_to, split_batch
+
+__all__ = [
+    "BatchSource",
+    "LoaderBatches",
+    "TensorBatches",
+    "batch_size_of",
+    "call_model",
+    "make_source",
+    "move_to",
+    "split_batch",
+    "split_valid",
+    "to_tensor_leaves",
+]

@@ -1,0 +1,170 @@
+"""Batch sources: what the loop iterates over. One per data set (train, valid, test).
+
+``TensorBatches`` is the in-memory fast path: batches are slices of tensors that already sit on the
+device, with exactly the semantics (and the RNG use) of a ``DataLoader`` over a ``TensorDataset`` with
+the default sampler and collate. ``LoaderBatches`` wraps any other ``DataLoader``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from .structure import move_to, unflatten
+
+__all__ = ["BatchSource", "TensorBatches", "LoaderBatches"]
+
+
+class BatchSource:
+    """Iterable of batches already on the loop's device; ``len()`` is the number of batches (or None)."""
+
+    num_samples: int | None = None
+
+    def __iter__(self) -> Iterator[Any]:  # pragma: no cover - interface
+        raise TypeError(f"{type(self).__name__} must implement __iter__")
+
+    def num_batches(self) -> int | None:
+        return None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called at the start of every epoch (DistributedSampler needs it)."""
+
+    def to_device(self, device: torch.device) -> BatchSource:
+        return self
+
+
+class TensorBatches(BatchSource):
+    """Batches by index slicing of in-memory tensors, reshuffled every epoch.
+
+    It draws from the same random generators, in the same order, as ``DataLoader(TensorDataset(...),
+    batch_size, shuffle, drop_last, generator)``, so both give the same batches for the same RNG state.
+
+    >>> src = TensorBatches([torch.arange(10.0), torch.arange(10)], ("tuple", [None, None]), batch_size=4)
+    >>> [len(b[0]) for b in src]
+    [4, 4, 2]
+    """
+
+    def __init__(
+        self,
+        leaves: list[Tensor],
+        spec: Any,
+        *,
+        batch_size: int = 32,
+        shuffle: bool = False,
+        drop_last: bool = False,
+        loader_generator: torch.Generator | None = None,
+        sampler_generator: torch.Generator | None = None,
+    ) -> None:
+        self.leaves = list(leaves)
+        self.spec = spec
+        self.num_samples = int(leaves[0].shape[0])
+        self.batch_size = int(batch_size)
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.loader_generator = loader_generator
+        self.sampler_generator = sampler_generator
+        self._flat = spec is not None and spec[0] == "tuple" and all(c is None for c in spec[1])
+        self._stage_device: torch.device | None = None  # set when leaves stay on the host (too big)
+
+    def num_batches(self) -> int:
+        n = self.num_samples
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def to_device(self, device: torch.device) -> TensorBatches:
+        if all(t.device == device for t in self.leaves):
+            return self
+        if device.type == "cuda":
+            nbytes = sum(t.numel() * t.element_size() for t in self.leaves)
+            free, _ = torch.cuda.mem_get_info(device)
+            if nbytes > free // 4:  # too big to keep on the GPU: pin on the host, copy per batch
+                self.leaves = [t.pin_memory() for t in self.leaves]
+                self._stage_device = device
+                return self
+        self.leaves = [t.to(device) for t in self.leaves]
+        return self
+
+    def epoch_order(self) -> Tensor | None:
+        """The sample order for one epoch (None = sequential), drawn like a DataLoader iteration."""
+        # DataLoader draws a base seed for its workers at every iteration, shuffled or not.
+        torch.empty((), dtype=torch.int64).random_(generator=self.loader_generator)
+        if not self.shuffle:
+            return None
+        gen = self.sampler_generator
+        if gen is None:  # RandomSampler without a generator seeds a fresh one from the global RNG
+            seed = int(torch.empty((), dtype=torch.int64).random_().item())
+            gen = torch.Generator()
+            gen.manual_seed(seed)
+        return torch.randperm(self.num_samples, generator=gen)
+
+    def __iter__(self) -> Iterator[Any]:
+        order = self.epoch_order()
+        n = self.num_samples
+        bs = self.batch_size
+        stop = n - n % bs if self.drop_last else n
+        leaves = self.leaves
+        if order is not None:
+            order = order.to(leaves[0].device)
+        stage = self._stage_device
+        for start in range(0, stop, bs):
+            if order is None:
+                parts = [t[start : start + bs] for t in leaves]
+            else:
+                idx = order[start : start + bs]
+                parts = [t.index_select(0, idx) for t in leaves]
+            if stage is not None:
+                parts = [p.to(stage, non_blocking=True) for p in parts]
+            yield tuple(parts) if self._flat else unflatten(parts, self.spec)
+
+    def subset(self, indices: Tensor, *, shuffle: bool | None = None) -> TensorBatches:
+        """A new source over ``indices`` (a 1-D index tensor), same options unless overridden."""
+        idx = indices.to(self.leaves[0].device)
+        return TensorBatches(
+            [t.index_select(0, idx) for t in self.leaves],
+            self.spec,
+            batch_size=self.batch_size,
+            shuffle=self.shuffle if shuffle is None else shuffle,
+            drop_last=self.drop_last,
+            loader_generator=self.loader_generator,
+            sampler_generator=self.sampler_generator,
+        )
+
+
+class LoaderBatches(BatchSource):
+    """Any DataLoader; batches moved to the device (``non_blocking`` when the loader pins memory)."""
+
+    def __init__(self, loader: DataLoader, device: torch.device | None = None) -> None:
+        self.loader = loader
+        self.device = device
+        try:
+            self.num_samples = len(loader.dataset)  # type: ignore[arg-type]
+        except TypeError:
+            self.num_samples = None
+
+    def num_batches(self) -> int | None:
+        try:
+            return len(self.loader)
+        except TypeError:
+            return None
+
+    def set_epoch(self, epoch: int) -> None:
+        for obj in (self.loader.sampler, getattr(self.loader, "batch_sampler", None)):
+            set_epoch = getattr(obj, "set_epoch", None)
+            if callable(set_epoch):
+                set_epoch(epoch)
+
+    def to_device(self, device: torch.device) -> LoaderBatches:
+        self.device = device
+        return self
+
+    def __iter__(self) -> Iterator[Any]:
+        device = self.device
+        if device is None or device.type == "cpu":
+            yield from self.loader
+            return
+        non_blocking = bool(self.loader.pin_memory)
+        for batch in self.loader:
+            yield move_to(batch, device, non_blocking)

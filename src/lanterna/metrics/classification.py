@@ -1,0 +1,141 @@
+"""Classification metrics: accuracies and AUROC — exact over the epoch."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchmetrics.functional.classification import binary_auroc, multiclass_auroc
+
+from .base import LanternaMetric, _check_same_numel
+
+__all__ = ["Accuracy", "BinaryAccuracy", "BinaryAccuracyWithLogits", "BinaryAUROC", "MulticlassAUROC"]
+
+
+class _Correct(LanternaMetric):
+    name, display_name = "acc", "Acc"
+    higher_is_better = True
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._add_sum_states("correct", "count")
+
+    def _count(self, hits: Tensor) -> None:
+        self.correct += hits.sum(dtype=torch.float64)
+        self.count += hits.numel()
+
+    def compute(self) -> Tensor:
+        return (self.correct / self.count).float()
+
+
+class Accuracy(_Correct):
+    """Multiclass accuracy: argmax of the scores (N, C) against class indices (N,).
+
+    >>> m = Accuracy(); m.update(torch.tensor([[0.1, 0.9], [0.8, 0.2]]), torch.tensor([1, 1]))
+    >>> float(m.compute())
+    0.5
+    """
+
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        if pred.dim() == target.dim() + 1:
+            pred = pred.argmax(dim=1)
+        pred, target = _check_same_numel("Accuracy", pred, target)
+        self._count(pred == target)
+
+
+class BinaryAccuracy(_Correct):
+    """Binary accuracy of probabilities: ``pred > threshold`` against 0/1 targets (float or int).
+
+    >>> m = BinaryAccuracy(); m.update(torch.tensor([0.9, 0.2, 0.7]), torch.tensor([1, 0, 0]))
+    >>> round(float(m.compute()), 4)
+    0.6667
+    """
+
+    def __init__(self, threshold: float = 0.5, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.threshold = threshold
+
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        pred, target = _check_same_numel("BinaryAccuracy", pred, target)
+        self._count((pred > self.threshold) == (target > 0.5))
+
+
+class BinaryAccuracyWithLogits(BinaryAccuracy):
+    """Binary accuracy of logits: ``sigmoid(pred) > threshold`` against 0/1 targets.
+
+    >>> m = BinaryAccuracyWithLogits(); m.update(torch.tensor([2.0, -1.0]), torch.tensor([1.0, 1.0]))
+    >>> float(m.compute())
+    0.5
+    """
+
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        super().update(torch.sigmoid(pred), target)
+
+
+class _Ranked(LanternaMetric):
+    """AUROC needs every score of the epoch: concatenated states (exact, reduced by gathering)."""
+
+    name, display_name = "auroc", "AUC"
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("preds", default=[], dist_reduce_fx="cat")
+        self.add_state("targets", default=[], dist_reduce_fx="cat")
+
+    def _cat(self) -> tuple[Tensor, Tensor]:
+        from torchmetrics.utilities import dim_zero_cat
+
+        return dim_zero_cat(self.preds), dim_zero_cat(self.targets)
+
+
+class BinaryAUROC(_Ranked):
+    """Area under the ROC curve for binary targets; ``from_logits=True`` for raw scores.
+
+    >>> m = BinaryAUROC(); m.update(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0, 0, 1, 1]))
+    >>> float(m.compute())
+    0.75
+    """
+
+    def __init__(self, from_logits: bool = False, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.from_logits = from_logits
+
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        pred, target = _check_same_numel("BinaryAUROC", pred, target)
+        pred = pred.detach().float().reshape(-1)
+        self.preds.append(torch.sigmoid(pred) if self.from_logits else pred)
+        self.targets.append((target.reshape(-1) > 0.5).long())
+
+    def compute(self) -> Tensor:
+        preds, targets = self._cat()
+        return binary_auroc(preds, targets, thresholds=None)
+
+
+class MulticlassAUROC(_Ranked):
+    """One-vs-rest AUROC over ``num_classes`` classes from scores (N, C), averaged (``"macro"``).
+
+    >>> m = MulticlassAUROC(num_classes=2)
+    >>> m.update(torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]]), torch.tensor([0, 1, 1]))
+    >>> float(m.compute())
+    1.0
+    """
+
+    def __init__(self, num_classes: int, average: str | None = "macro", **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.num_classes = num_classes
+        self.average = average
+
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        if pred.dim() != 2 or pred.shape[1] != self.num_classes:
+            raise ValueError(
+                f"MulticlassAUROC(num_classes={self.num_classes}) needs scores of shape (N, {self.num_classes}); "
+                f"got {tuple(pred.shape)}."
+            )
+        self.preds.append(pred.detach().float())
+        self.targets.append(target.reshape(-1).long())
+
+    def compute(self) -> Tensor:
+        preds, targets = self._cat()
+        return multiclass_auroc(preds, targets, num_classes=self.num_classes, average=self.average,
+                                thresholds=None)

@@ -1,0 +1,65 @@
+"""Regression metrics: MAE, MSE, RMSE — exact over the epoch."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import LanternaMetric, _check_same_numel
+
+__all__ = ["MAE", "MSE", "RMSE"]
+
+
+class _ErrorSum(LanternaMetric):
+    higher_is_better = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._add_sum_states("error_sum", "count")
+
+    def _errors(self, diff: Tensor) -> Tensor:
+        return diff.square()
+
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        pred, target = _check_same_numel(self.display_name, pred, target)
+        self.error_sum += self._errors(pred.detach() - target).sum(dtype=torch.float64)
+        self.count += target.numel()
+
+    def compute(self) -> Tensor:
+        return (self.error_sum / self.count).float()
+
+
+class MAE(_ErrorSum):
+    """Mean absolute error over all elements of the epoch.
+
+    >>> m = MAE(); m.update(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 0.0])); float(m.compute())
+    1.5
+    """
+
+    name, display_name = "mae", "MAE"
+
+    def _errors(self, diff: Tensor) -> Tensor:
+        return diff.abs()
+
+
+class MSE(_ErrorSum):
+    """Mean squared error over all elements of the epoch.
+
+    >>> m = MSE(); m.update(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 0.0])); float(m.compute())
+    2.5
+    """
+
+    name, display_name = "mse", "MSE"
+
+
+class RMSE(_ErrorSum):
+    """Root of the epoch's mean squared error (never a mean of batch RMSEs).
+
+    >>> m = RMSE(); m.update(torch.tensor([3.0, 4.0]), torch.tensor([0.0, 0.0])); round(float(m.compute()), 4)
+    3.5355
+    """
+
+    name, display_name = "rmse", "RMSE"
+
+    def compute(self) -> Tensor:
+        return (self.error_sum / self.count).sqrt().float()

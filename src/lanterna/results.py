@@ -1,0 +1,212 @@
+"""What fit returns: :class:`Fitted` (model, history, predict, evaluate, plot) and :class:`Evaluation`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from .callbacks.metrics import MetricsCallback
+from .callbacks.progress import format_value
+from .core.accelerator import Accelerator
+from .core.callback import Hooks
+from .core.context import Context
+from .core.loop import run_phase
+from .core.step import make_forward, make_loss, valid_step
+from .data import make_source, split_batch
+from .metrics.base import split_metric_spec
+
+if TYPE_CHECKING:
+    from .api import Setup
+
+__all__ = ["Fitted", "Evaluation"]
+
+
+class Evaluation:
+    """Metrics over a whole data set. ``.metrics`` is ``{"loss": …, "mae": …}``; ``repr`` prints one
+    ``name: value`` per line.
+
+    >>> Evaluation({"loss": 0.92712, "mae": 0.7348})
+    loss: 0.9271
+    mae: 0.7348
+    """
+
+    def __init__(self, metrics: dict[str, Any]) -> None:
+        self.metrics = dict(metrics)
+
+    def __getitem__(self, name: str) -> Any:
+        return self.metrics[name]
+
+    def __repr__(self) -> str:
+        return "\n".join(f"{k}: {format_value(v)}" for k, v in self.metrics.items())
+
+
+class Fitted:
+    """A trained model and its history (API.md §3).
+
+    >>> import lanterna as ln
+    >>> x, y = torch.randn(64, 3), torch.randn(64, 1)
+    >>> fitted = ln.setup(nn.Linear, loss=nn.MSELoss()).set_hparams(in_features=3, out_features=1).fit(
+    ...     (x, y), epochs=1, verbose=False)
+    >>> fitted.predict(x).shape
+    torch.Size([64, 1])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        setup: Setup | None,
+        history: list[dict[str, Any]],
+        *,
+        optimizers: dict[str, torch.optim.Optimizer] | None = None,
+        accelerator: Accelerator | None = None,
+        forward_model: Any = None,
+        loss_fn: Any = None,
+        metrics: Sequence[Any] | None = None,
+        total_time: float = 0.0,
+        status: str = "completed",
+        context: Context | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.setup = setup
+        self.history = history
+        self.optimizers = optimizers or {}
+        self.accelerator = accelerator or Accelerator(device=_model_device(model))
+        self.forward_model = forward_model if forward_model is not None else model
+        self.loss_fn = loss_fn
+        self.metrics = list(metrics or [])
+        self.total_time = total_time
+        self.status = status
+        self.context = context
+
+    @property
+    def hparams(self) -> dict[str, Any]:
+        return dict(self.setup.hparams) if self.setup is not None else {}
+
+    @property
+    def opt_hparams(self) -> dict[str, Any]:
+        return dict(self.setup.opt_hparams) if self.setup is not None else {}
+
+    # ------------------------------------------------------------------ inference
+    def _context(self) -> Context:
+        ctx = Context(model=self.model, forward_model=self.forward_model, accelerator=self.accelerator,
+                      device=self.accelerator.device, loss_fn=self.loss_fn, verbose=False)
+        ctx._forward = make_forward(ctx)
+        ctx._compute_loss = make_loss(ctx) if self.loss_fn is not None else None
+        return ctx
+
+    def predict(self, data: Any, *, dataloader_options: Mapping[str, Any] | None = None) -> Any:
+        """Predictions as a CPU tensor concatenated over batches (a tuple/dict for multi-output models).
+
+        Eval mode, no autograd, batches moved to the device one at a time. ``predict((x, y))`` ignores y.
+        """
+        options = {**dataloader_options, "shuffle": False} if dataloader_options else None
+        source = make_source(data, train=False, options=options, what="prediction data").to_device(
+            self.accelerator.device)
+        ctx = self._context()
+        self.model.eval()
+        non_blocking = self.accelerator.device.type == "cuda"
+        outs: list[Any] = []
+        with torch.no_grad():
+            for batch in source:
+                inputs, _ = split_batch(batch)
+                outs.append(_to_cpu(ctx._forward(inputs), non_blocking))
+        if non_blocking:
+            torch.cuda.synchronize(self.accelerator.device)
+        return _concat(outs)
+
+    def evaluate(
+        self, data: Any, *, metrics: Sequence[Any] | None = None,
+        dataloader_options: Mapping[str, Any] | None = None,
+    ) -> Evaluation:
+        """Loss and metrics over all of ``data`` (sample-weighted, exact) → :class:`Evaluation`.
+
+        ``metrics`` replaces the fit's metrics for this evaluation.
+        """
+        options = {**dataloader_options, "shuffle": False} if dataloader_options else None
+        source = make_source(data, train=False, options=options, what="evaluation data").to_device(
+            self.accelerator.device)
+        metric_list = self.metrics if metrics is None else metrics
+        ctx = self._context()
+        ctx.valid_data, ctx.valid_name, ctx.valid_step = source, "test", valid_step
+        ctx.hooks = Hooks([MetricsCallback([], split_metric_spec(metric_list)[1])])
+        ctx.hooks.on_fit_begin(ctx)
+        ctx.record = {}
+        run_phase(ctx, training=False)
+        self.model.eval()
+        return Evaluation({k[len("test_"):]: v for k, v in ctx.record.items() if k.startswith("test_")})
+
+    # ------------------------------------------------------------------ history
+    def metrics_df(self) -> Any:
+        """History in long form: a pandas DataFrame with columns ``epoch, set, metric, value``."""
+        import pandas as pd
+
+        rows = []
+        for rec in self.history:
+            for key, value in rec.items():
+                set_name, _, metric = key.partition("_")
+                if set_name in ("train", "valid") and metric:
+                    rows.append({"epoch": rec["epoch"], "set": set_name, "metric": metric, "value": value})
+        return pd.DataFrame(rows, columns=["epoch", "set", "metric", "value"])
+
+    def plot(self, metrics: Sequence[str] | None = None) -> Any:
+        """A matplotlib Figure of the history: one panel per metric, train and valid curves."""
+        from .plotting import plot_history
+
+        return plot_history(self.history, metrics=metrics)
+
+    def __repr__(self) -> str:
+        n_params = sum(p.numel() for p in self.model.parameters())
+        n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        epochs = len(self.history)
+        lines = ["A lanterna `Fitted`", "── Time " + "─" * 30, f"• Total time: {_fmt_time(self.total_time)}"]
+        if epochs:
+            lines.append(f"• Avg time per epoch: {_fmt_time(self.total_time / epochs)} ({epochs} epochs, {self.status})")
+            last = self.history[-1]
+            lines += ["", "── Results " + "─" * 27, "Metrics observed in the last epoch."]
+            for set_name, title in (("train", "Training"), ("valid", "Validation")):
+                keys = [k for k in last if k.startswith(set_name + "_")]
+                if keys:
+                    lines.append(f"ℹ {title}:")
+                    lines += [f"{k[len(set_name) + 1:]}: {format_value(last[k])}" for k in keys]
+        lines += ["", "── Model " + "─" * 29,
+                  f"An nn.Module ({type(self.model).__name__}) containing {n_params:,} parameters"
+                  + (f" ({n_train:,} trainable)." if n_train != n_params else ".")]
+        return "\n".join(lines)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _to_cpu(obj: Any, non_blocking: bool) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.detach().to("cpu", non_blocking=non_blocking)
+    if isinstance(obj, Mapping):
+        return {k: _to_cpu(v, non_blocking) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to_cpu(v, non_blocking) for v in obj)
+    return obj
+
+
+def _concat(outs: list[Any]) -> Any:
+    first = outs[0]
+    if isinstance(first, Tensor):
+        return torch.cat(outs) if first.dim() > 0 else torch.stack(outs)
+    if isinstance(first, Mapping):
+        return {k: _concat([o[k] for o in outs]) for k in first}
+    if isinstance(first, (tuple, list)):
+        return tuple(_concat([o[i] for o in outs]) for i in range(len(first)))
+    return outs
+
+
+def _fmt_time(seconds: float) -> str:
+    if seconds >= 60:
+        return f"{int(seconds // 60)}m {seconds % 60:.0f}s"
+    if seconds >= 1:
+        return f"{seconds:.1f}s"
+    return f"{seconds * 1000:.0f}ms"
