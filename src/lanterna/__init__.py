@@ -5,38 +5,51 @@
 >>> setup = ln.setup(nn.Linear, loss=nn.MSELoss(), metrics=[ln.metrics.MAE()])
 """
 
-from . import callbacks, metrics
+from . import callbacks, metrics, tuning
 from .api import Setup, seed_everything, setup
 from .core.accelerator import Accelerator
 from .core.callback import Callback
 from .core.context import Context
 from .core.events import StopTraining
 from .errors import (
+    ArtifactError,
     CallbackError,
     CheckpointError,
+    CheckpointVersionError,
+    DamagedCheckpointError,
     DataError,
+    ExportError,
     LanternaError,
     ModelCallError,
+    ModelMismatchError,
     MonitorError,
     NonFiniteLossError,
     ShapeMismatchError,
     TargetDtypeError,
 )
+from .io.fitted import load_fitted as load
+from .params import param_groups, with_init, with_param_groups
 from .results import Evaluation, Fitted
+from .tuning import lr_finder, tune
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Accelerator",
+    "ArtifactError",
     "Callback",
     "CallbackError",
     "CheckpointError",
+    "CheckpointVersionError",
     "Context",
+    "DamagedCheckpointError",
     "DataError",
     "Evaluation",
+    "ExportError",
     "Fitted",
     "LanternaError",
     "ModelCallError",
+    "ModelMismatchError",
     "MonitorError",
     "NonFiniteLossError",
     "Setup",
@@ -44,7 +57,14 @@ __all__ = [
     "StopTraining",
     "TargetDtypeError",
     "callbacks",
+    "load",
+    "lr_finder",
     "metrics",
+    "param_groups",
     "seed_everything",
     "setup",
+    "tune",
+    "tuning",
+    "with_init",
+    "with_param_groups",
 ]

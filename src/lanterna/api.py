@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 import random
 import time
 import warnings
@@ -13,7 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
+from .callbacks.lr_scheduler import LRRecorder
 from .callbacks.metrics import MetricsCallback
 from .callbacks.nan import TerminateOnNaN
 from .callbacks.progress import make_printer
@@ -109,8 +112,11 @@ class Setup:
                     f"(optimizer=torch.optim.{type(factory).__name__}) and its options with .set_opt_hparams(...). "
                     "lanterna creates it after the model is on its device."
                 )
+            # a factory with param_groups(model) (ln.with_param_groups) chooses the groups itself
+            groups = getattr(factory, "param_groups", None)
+            params = groups(model) if callable(groups) else model.parameters()
             try:
-                opts = {"opt": factory(model.parameters(), **self.opt_hparams)}
+                opts = {"opt": factory(params, **self.opt_hparams)}
             except TypeError as e:
                 raise LanternaError(f"Could not create the optimizer with {self.opt_hparams}: {e}") from e
         for name, opt in opts.items():
@@ -155,9 +161,14 @@ class Setup:
         acc = accelerator or Accelerator()
         if seed is not None:
             seed_everything(seed)
+        ddp = _distributed(acc, seed)
         train_src, valid_src = _sources(data, valid_data, dataloader_options, seed)
         model = self.build_model()
-        forward_model = acc.prepare_model(model)
+        forward_model = eval_forward_model = acc.prepare_model(model)
+        if ddp is not None:
+            train_src = ddp.shard(train_src, train=True)
+            valid_src = ddp.shard(valid_src, train=False) if valid_src is not None else None
+            forward_model = ddp.wrap(forward_model, model)
         train_src.to_device(acc.device)
         if valid_src is not None:
             valid_src.to_device(acc.device)
@@ -171,9 +182,13 @@ class Setup:
             device=acc.device, scaler=acc.make_scaler(), train_data=train_src, valid_data=valid_src,
             valid_name="valid", min_epochs=min_epochs, max_epochs=max_epochs, start_epoch=0,
             verbose=verbose is not False, setup=self, custom_step=has_step,
+            eval_forward_model=eval_forward_model, dist=ddp,
         )
-        defaults: list[Callback] = [TerminateOnNaN(), MetricsCallback(train_metrics, valid_metrics)]
-        printer = make_printer(verbose)
+        if ddp is not None:
+            ctx.rank, ctx.world_size, ctx.is_main = ddp.rank, ddp.world_size, ddp.is_main
+        defaults: list[Callback] = [TerminateOnNaN(), MetricsCallback(train_metrics, valid_metrics),
+                                    LRRecorder()]
+        printer = make_printer(verbose) if ctx.is_main else None
         if printer is not None:
             defaults.append(printer)
         ctx.hooks = Hooks(_merge_callbacks(defaults, list(callbacks or [])))
@@ -187,8 +202,8 @@ class Setup:
         fit_loop(ctx)
         return Fitted(
             model=model, setup=self, history=ctx.history, optimizers=optimizers, accelerator=acc,
-            forward_model=forward_model, loss_fn=loss_fn, metrics=valid_metrics or train_metrics,
-            total_time=time.perf_counter() - t0, status=ctx.status, context=ctx,
+            forward_model=eval_forward_model, loss_fn=loss_fn, metrics=valid_metrics or train_metrics,
+            total_time=time.perf_counter() - t0, status=ctx.status, context=ctx, distributed=ddp,
         )
 
 
@@ -223,6 +238,18 @@ def _epochs(epochs: Any) -> tuple[int, int]:
     return lo, hi
 
 
+def _distributed(acc: Accelerator, seed: int | None) -> Any:
+    """The DDP environment under torchrun (WORLD_SIZE > 1), else None; imported only when needed."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from .integrations.distributed import from_env
+
+    ddp = from_env(acc, seed)
+    if ddp is not None:
+        acc.device = ddp.device
+    return ddp
+
+
 def _sources(
     data: Any, valid_data: Any, options: Mapping[str, Any] | None, seed: int | None
 ) -> tuple[BatchSource, BatchSource | None]:
@@ -235,7 +262,9 @@ def _sources(
     train_src = make_source(data, train=True, options=options, what="training data")
     if valid_data is None:
         return train_src, None
-    valid_opts = {**options, "shuffle": False} if options else None
+    valid_opts = {**options, "shuffle": False, "drop_last": False} if options else None
+    if isinstance(valid_data, DataLoader) and not isinstance(data, DataLoader):
+        valid_opts = None  # the options were for the training data lanterna builds
     return train_src, make_source(valid_data, train=False, options=valid_opts, what="validation data")
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 __all__ = ["LanternaError", "DataError", "ShapeMismatchError", "TargetDtypeError", "ModelCallError",
-           "NonFiniteLossError", "CallbackError", "MonitorError", "CheckpointError"]
+           "NonFiniteLossError", "CallbackError", "MonitorError", "CheckpointError", "DamagedCheckpointError",
+           "CheckpointVersionError", "ArtifactError", "ModelMismatchError", "ExportError"]
 
 
 class LanternaError(Exception):
@@ -40,3 +41,23 @@ class MonitorError(LanternaError, ValueError):
 
 class CheckpointError(LanternaError, RuntimeError):
     """A checkpoint is missing, damaged or incompatible."""
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A checkpoint file is truncated, corrupt, empty or has no integrity record (checksum)."""
+
+
+class CheckpointVersionError(CheckpointError):
+    """A checkpoint was written in a format this version of lanterna cannot read."""
+
+
+class ArtifactError(LanternaError, ValueError):
+    """A file is not a lanterna artifact, or its metadata is unsafe (a pickle, a non-module callable)."""
+
+
+class ModelMismatchError(LanternaError, ValueError):
+    """Saved weights do not fit the module: missing, unexpected or differently shaped entries."""
+
+
+class ExportError(LanternaError, RuntimeError):
+    """A model could not be exported, or the exported model does not reproduce the original's outputs."""

@@ -1,19 +1,24 @@
-"""History plots (matplotlib, an optional extra)."""
+"""History plots (matplotlib, an optional extra: ``pip install 'lanterna[plot]'``)."""
 
 from __future__ import annotations
 
+import math
+import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 __all__ = ["plot_history"]
+
+_SETS = (("train", "C0", "-"), ("valid", "C1", "--"))
 
 
 def _require_matplotlib() -> Any:
     try:
         import matplotlib
 
-        if matplotlib.get_backend().lower() not in ("agg",) and not _has_display():
-            matplotlib.use("Agg")
+        if not _has_display() and matplotlib.get_backend().lower() != "agg":
+            matplotlib.use("Agg")  # headless (CI, servers): render to files without a GUI
         import matplotlib.pyplot as plt
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError("Plotting needs matplotlib: pip install 'lanterna[plot]'") from e
@@ -21,46 +26,66 @@ def _require_matplotlib() -> Any:
 
 
 def _has_display() -> bool:
-    import os
-    import sys
+    gui = sys.platform in ("darwin", "win32") or "ipykernel" in sys.modules
+    return gui or bool(os.environ.get("DISPLAY"))
 
-    return bool(os.environ.get("DISPLAY")) or sys.platform in ("darwin", "win32") or "ipykernel" in sys.modules
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
 
 
 def plot_history(history: list[dict[str, Any]], metrics: Sequence[str] | None = None) -> Any:
-    """One panel per metric (loss first), train and valid curves against the epoch; returns the Figure.
+    """One panel per metric (loss first, then the metrics in history order), the training curve solid and
+    the validation curve dashed against the epoch; returns the matplotlib Figure.
+
+    Args:
+        history: ``fitted.history``, a list of per-epoch dicts with ``train_<name>`` / ``valid_<name>`` keys.
+        metrics: the metric names to plot (``["loss", "mae"]``); default all with numeric values.
 
     >>> fig = plot_history([{"epoch": 1, "train_loss": 2.0, "valid_loss": 2.5},
     ...                     {"epoch": 2, "train_loss": 1.0, "valid_loss": 1.5}])
     >>> len(fig.axes)
     1
+    >>> fig.savefig("history.png")  # doctest: +SKIP
     """
     plt = _require_matplotlib()
     names: list[str] = []
     for rec in history:
-        for key in rec:
+        for key, value in rec.items():
             set_name, _, metric = key.partition("_")
-            if set_name in ("train", "valid") and metric and metric not in names:
+            known = metric in names or not metric
+            if set_name in ("train", "valid") and not known and _number(value) is not None:
                 names.append(metric)
+    if "loss" in names:
+        names.insert(0, names.pop(names.index("loss")))
     if metrics is not None:
-        names = [m for m in metrics if m in names]
+        unknown = [m for m in metrics if m not in names]
+        if unknown:
+            raise ValueError(f"No numeric history for {unknown}; available: {names}.")
+        names = list(metrics)
     if not names:
-        raise ValueError("The history has no train_/valid_ metrics to plot.")
+        raise ValueError("The history has no numeric train_/valid_ metrics to plot.")
     ncols = min(len(names), 3)
-    nrows = -(-len(names) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, 3.4 * nrows), squeeze=False)
-    for ax, name in zip(axes.flat, names):
-        for set_name, style in (("train", "-"), ("valid", "--")):
-            pts = [(r["epoch"], r[f"{set_name}_{name}"]) for r in history if isinstance(r.get(f"{set_name}_{name}"),
-                                                                                        (int, float))]
-            if pts:
-                xs, ys = zip(*pts)
-                ax.plot(xs, ys, style, marker="o" if len(xs) < 20 else None, markersize=3, label=set_name)
+    nrows = math.ceil(len(names) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.8 * ncols, 3.6 * nrows), squeeze=False)
+    flat = list(axes.flat)
+    for ax, name in zip(flat[: len(names)], names, strict=True):
+        for set_name, color, style in _SETS:
+            pts = [(rec.get("epoch", i + 1), _number(rec.get(f"{set_name}_{name}")))
+                   for i, rec in enumerate(history)]
+            pts = [(x, y) for x, y in pts if y is not None]
+            if not pts:
+                continue
+            xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+            ax.plot(xs, ys, style, color=color, linewidth=1.8, marker="o" if len(xs) <= 30 else None,
+                    markersize=3.5, label=set_name)
         ax.set_title(name)
         ax.set_xlabel("epoch")
         ax.grid(True, alpha=0.3)
-        ax.legend()
-    for ax in list(axes.flat)[len(names):]:
+        ax.legend(frameon=False)
+    for ax in flat[len(names):]:
         ax.set_visible(False)
     fig.tight_layout()
     return fig

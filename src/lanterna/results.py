@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -16,6 +18,7 @@ from .core.context import Context
 from .core.loop import run_phase
 from .core.step import make_forward, make_loss, valid_step
 from .data import make_source, split_batch
+from .errors import DataError
 from .metrics.base import split_metric_spec
 
 if TYPE_CHECKING:
@@ -68,6 +71,7 @@ class Fitted:
         total_time: float = 0.0,
         status: str = "completed",
         context: Context | None = None,
+        distributed: Any = None,
     ) -> None:
         self.model = model.eval()
         self.setup = setup
@@ -80,6 +84,7 @@ class Fitted:
         self.total_time = total_time
         self.status = status
         self.context = context
+        self.distributed = distributed  # under torchrun: predict/evaluate shard and gather
 
     @property
     def hparams(self) -> dict[str, Any]:
@@ -95,16 +100,22 @@ class Fitted:
                       device=self.accelerator.device, loss_fn=self.loss_fn, verbose=False)
         ctx._forward = make_forward(ctx)
         ctx._compute_loss = make_loss(ctx) if self.loss_fn is not None else None
+        ctx.dist = self.distributed
         return ctx
+
+    def _source(self, data: Any, options: Mapping[str, Any] | None, what: str) -> Any:
+        options = {**options, "shuffle": False, "drop_last": False} if options else None
+        source = make_source(data, train=False, options=options, what=what)
+        if self.distributed is not None:
+            source = self.distributed.shard(source, train=False)
+        return source.to_device(self.accelerator.device)
 
     def predict(self, data: Any, *, dataloader_options: Mapping[str, Any] | None = None) -> Any:
         """Predictions as a CPU tensor concatenated over batches (a tuple/dict for multi-output models).
 
         Eval mode, no autograd, batches moved to the device one at a time. ``predict((x, y))`` ignores y.
         """
-        options = {**dataloader_options, "shuffle": False} if dataloader_options else None
-        source = make_source(data, train=False, options=options, what="prediction data").to_device(
-            self.accelerator.device)
+        source = self._source(data, dataloader_options, "prediction data")
         ctx = self._context()
         self.model.eval()
         non_blocking = self.accelerator.device.type == "cuda"
@@ -115,6 +126,10 @@ class Fitted:
                 outs.append(_to_cpu(ctx._forward(inputs), non_blocking))
         if non_blocking:
             torch.cuda.synchronize(self.accelerator.device)
+        if self.distributed is not None:  # every rank gets all predictions, in dataset order
+            n_total = self.distributed.total_samples(source)
+            return _map_tensors(lambda t: self.distributed.gather_in_order(
+                t.to(self.accelerator.device), n_total).cpu(), _concat(outs))
         return _concat(outs)
 
     def evaluate(
@@ -125,9 +140,7 @@ class Fitted:
 
         ``metrics`` replaces the fit's metrics for this evaluation.
         """
-        options = {**dataloader_options, "shuffle": False} if dataloader_options else None
-        source = make_source(data, train=False, options=options, what="evaluation data").to_device(
-            self.accelerator.device)
+        source = self._source(data, dataloader_options, "evaluation data")
         metric_list = self.metrics if metrics is None else metrics
         ctx = self._context()
         ctx.valid_data, ctx.valid_name, ctx.valid_step = source, "test", valid_step
@@ -136,7 +149,13 @@ class Fitted:
         ctx.record = {}
         run_phase(ctx, training=False)
         self.model.eval()
-        return Evaluation({k[len("test_"):]: v for k, v in ctx.record.items() if k.startswith("test_")})
+        values = {k[len("test_"):]: v for k, v in ctx.record.items() if k.startswith("test_")}
+        if not values:
+            raise DataError(
+                "evaluate() found nothing to compute: the data has no targets (pass (x, y), not x alone), "
+                "or there is neither a loss nor a metric."
+            )
+        return Evaluation(values)
 
     # ------------------------------------------------------------------ history
     def metrics_df(self) -> Any:
@@ -157,13 +176,41 @@ class Fitted:
 
         return plot_history(self.history, metrics=metrics)
 
+    # ------------------------------------------------------------------ files (API.md §7)
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Save the weights (safetensors) and metadata (JSON: module import path, hparams, opt_hparams, loss,
+        metrics, history, versions) to the folder ``path`` (or one ``.safetensors`` file); reload with
+        ``ln.load(path)``. Nothing is pickled. Returns the path.
+
+        >>> import tempfile
+        >>> path = Fitted(nn.Linear(3, 1), None, []).save(tempfile.mkdtemp() + "/model")
+        """
+        from .io.fitted import save_fitted
+
+        return save_fitted(self, path)
+
+    def export(self, path: str | os.PathLike[str], example_input: Any, format: str = "onnx",
+               **options: Any) -> Path:
+        """Export the model for inference: ``format="onnx"`` (checked with onnxruntime when installed),
+        ``"torchscript"`` or ``"exported_program"`` (``torch.export``). The file is reloaded with the standard
+        loader and its outputs compared with the model's on ``example_input``. Returns the path.
+
+        >>> import tempfile
+        >>> p = Fitted(nn.Linear(3, 1), None, []).export(tempfile.mkdtemp() + "/m.pt", torch.randn(2, 3),
+        ...                                            format="torchscript")
+        """
+        from .integrations.export import export
+
+        return export(self.model, path, example_input, format=format, **options)
+
     def __repr__(self) -> str:
         n_params = sum(p.numel() for p in self.model.parameters())
         n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         epochs = len(self.history)
         lines = ["A lanterna `Fitted`", "── Time " + "─" * 30, f"• Total time: {_fmt_time(self.total_time)}"]
         if epochs:
-            lines.append(f"• Avg time per epoch: {_fmt_time(self.total_time / epochs)} ({epochs} epochs, {self.status})")
+            per_epoch = _fmt_time(self.total_time / epochs)
+            lines.append(f"• Avg time per epoch: {per_epoch} ({epochs} epochs, {self.status})")
             last = self.history[-1]
             lines += ["", "── Results " + "─" * 27, "Metrics observed in the last epoch."]
             for set_name, title in (("train", "Training"), ("valid", "Validation")):
@@ -191,6 +238,14 @@ def _to_cpu(obj: Any, non_blocking: bool) -> Any:
     if isinstance(obj, (tuple, list)):
         return type(obj)(_to_cpu(v, non_blocking) for v in obj)
     return obj
+
+
+def _map_tensors(fn: Any, obj: Any) -> Any:
+    if isinstance(obj, Tensor):
+        return fn(obj)
+    if isinstance(obj, Mapping):
+        return {k: _map_tensors(fn, v) for k, v in obj.items()}
+    return tuple(_map_tensors(fn, v) for v in obj)
 
 
 def _concat(outs: list[Any]) -> Any:

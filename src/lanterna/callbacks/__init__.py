@@ -1,8 +1,31 @@
 """Built-in callbacks (API.md §6)."""
 
+from typing import Any
+
 from ..core.callback import Callback
+from .accumulate import GradientAccumulation
+from .checkpoint import AutoResume, ModelCheckpoint
+from .clip import GradientClip
+from .csv_logger import CSVLogger
+from .early_stopping import EarlyStopping
+from .keep_best import KeepBestModel
+from .lr_scheduler import LRRecorder, LRScheduler
 from .metrics import MetricsCallback
 from .nan import TerminateOnNaN
+from .optuna_pruning import OptunaPruning
 from .progress import LiveProgress, ProgressPrinter
 
-__all__ = ["Callback", "LiveProgress", "MetricsCallback", "ProgressPrinter", "TerminateOnNaN"]
+__all__ = [
+    "AutoResume", "Callback", "CSVLogger", "EarlyStopping", "GradientAccumulation", "GradientClip",
+    "KeepBestModel", "LRRecorder", "LRScheduler", "LiveProgress", "MetricsCallback", "ModelCheckpoint",
+    "OptunaPruning", "ProgressPrinter", "TensorBoard", "TerminateOnNaN",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # TensorBoard lives with the integrations (optional dependency); resolved on first use.
+    if name == "TensorBoard":
+        from ..integrations.tensorboard import TensorBoard
+
+        return TensorBoard
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..core.callback import Callback
@@ -28,8 +30,14 @@ class TerminateOnNaN(Callback):
         self.enabled = enabled
 
     def on_train_batch_before_backward(self, ctx: Context) -> None:
-        loss = ctx.backward_loss
-        if self.enabled and not bool(torch.isfinite(loss.detach()).all()):
+        if not self.enabled:
+            return
+        loss = ctx.backward_loss.detach()
+        if loss.device.type == "cpu" and loss.numel() == 1:  # a plain read: 0.3 µs instead of 10
+            finite = math.isfinite(loss.item())
+        else:  # on an accelerator this waits for the step's kernels (see docs/performance.md)
+            finite = bool(torch.isfinite(loss).all())
+        if not finite:
             kind = "NaN" if bool(torch.isnan(loss.detach()).any()) else "Inf"
             raise NonFiniteLossError(
                 f"The training loss is {kind} at epoch {ctx.epoch}, batch {ctx.iter}; training stopped before "

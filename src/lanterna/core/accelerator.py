@@ -39,7 +39,8 @@ class Accelerator:
         precision: ``"32"``, ``"bf16-mixed"`` (autocast to bfloat16) or ``"16-mixed"`` (float16 with a
             gradient scaler).
         compile: ``True`` or a dict of ``torch.compile`` options, for training and inference.
-        strategy: ``None`` (one process).
+        strategy: ``None`` / ``"auto"``: DDP when launched by torchrun with WORLD_SIZE > 1 (one process
+            otherwise); ``"ddp"`` the same; ``"none"``: never distribute, even under torchrun.
     """
 
     def __init__(
@@ -52,8 +53,8 @@ class Accelerator:
         precision = str(precision)
         if precision not in _PRECISIONS:
             raise LanternaError(f"precision={precision!r} is not one of {sorted(_PRECISIONS)}.")
-        if strategy not in (None, "auto"):
-            raise LanternaError(f"strategy={strategy!r} is not supported; use None.")
+        if strategy not in (None, "auto", "ddp", "none"):
+            raise LanternaError(f"strategy={strategy!r} is not one of None, 'auto', 'ddp', 'none'.")
         self.device = torch.device(device) if device is not None else default_device()
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -86,7 +87,39 @@ class Accelerator:
             return model
         opts = self.compile if isinstance(self.compile, dict) else {}
         try:
-            return torch.compile(model, **opts)
+            return _CompiledOrEager(torch.compile(model, **opts), model)
         except Exception as e:  # a backend that cannot even wrap the model
             warnings.warn(f"torch.compile failed ({type(e).__name__}: {e}); running eagerly.", stacklevel=3)
             return model
+
+
+class _CompiledOrEager:
+    """A ``torch.compile``'d module that falls back to the eager module, with one warning that says why, when
+    compilation fails at a call (compilation is lazy: a missing C++ compiler or an unsupported construct
+    shows up at the first forward, not when wrapping)."""
+
+    def __init__(self, compiled: Callable[..., Any], model: nn.Module) -> None:
+        self.compiled, self.model, self.eager = compiled, model, False
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.eager:
+            return self.model(*args, **kwargs)
+        try:
+            return self.compiled(*args, **kwargs)
+        except Exception as e:
+            if not isinstance(e, torch._dynamo.exc.TorchDynamoException):
+                raise
+            cause = getattr(e, "inner_exception", None) or e
+            first = next((line for line in str(cause).splitlines() if line.strip()), "")
+            warnings.warn(
+                f"torch.compile could not compile {type(self.model).__name__} ({type(e).__name__}: "
+                f"{type(cause).__name__}: {first}); "
+                "running it eagerly instead: same results, without the speed-up. Fix the compiler backend (e.g. "
+                "a C++ compiler for inductor on CPU, Triton on GPU) or pass Accelerator(compile=False).",
+                stacklevel=2,
+            )
+            self.eager = True
+            return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.compiled, name)

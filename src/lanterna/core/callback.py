@@ -17,7 +17,28 @@ __all__ = ["Callback", "Hooks"]
 class Callback:
     """Base class: override any hook of :data:`lanterna.core.events.HOOKS`; each receives ``ctx``.
 
-    Callbacks run in ascending ``order`` (default 0); ties keep the order they were given in.
+    Hooks of one fit, in firing order (docs/callbacks.md)::
+
+        on_fit_begin
+        each epoch:  on_epoch_begin → on_train_begin
+                     → each batch: on_train_batch_begin → _after_pred → _after_loss → _before_backward
+                                   → _before_step → _after_step → _end
+                     → on_train_end
+                     → on_valid_begin → each batch: on_valid_batch_begin → _after_pred → _after_loss → _end
+                     → on_valid_end            (only with valid_data)
+                     → the epoch's record is appended to ctx.history → on_epoch_end
+                     → on_early_stopping       (when ctx.stop_training is honoured: never before min_epochs)
+        on_interrupt (Ctrl-C)  →  on_fit_end  (always, in a finally; ctx.status tells how fit ended)
+
+    A module's own ``step(ctx)`` replaces the default step: ``_after_pred`` / ``_after_loss`` do not fire,
+    ``_before_backward`` / ``_before_step`` / ``_after_step`` fire inside ``ctx.backward`` /
+    ``ctx.step_optimizer``.
+
+    Callbacks run in ascending ``order`` (default 0); ties keep the order they were given in. Built-ins:
+    TerminateOnNaN -1000, GradientAccumulation -500, MetricsCallback -100, ProgressPrinter 50,
+    GradientClip 100, LRScheduler 500, CSVLogger and TensorBoard 600, KeepBestModel 700, LRRecorder and
+    OptunaPruning 900, EarlyStopping 1000, ModelCheckpoint 1100, AutoResume 1200: metrics before yours,
+    yours before the scheduler, loggers and checkpoints, so that a checkpoint sees the epoch's final state.
     A callback with state implements ``state_dict()`` / ``load_state_dict()`` and checkpoints store it.
 
     >>> import lanterna as ln

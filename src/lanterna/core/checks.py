@@ -49,9 +49,10 @@ def check_model_call(model: nn.Module, inputs: Any) -> None:
     except (TypeError, ValueError):
         return
     if isinstance(inputs, Mapping):
-        args, kwargs, tried = (), dict(inputs), f"model(**{{{', '.join(map(repr, inputs))}}})"
+        args, kwargs, tried = (), dict(inputs), f"model(**input) with keyword inputs {', '.join(map(str, inputs))}"
     elif isinstance(inputs, (tuple, list)):
-        args, kwargs, tried = tuple(inputs), {}, f"model(*inputs) with {len(inputs)} positional inputs"
+        plural = "s" if len(inputs) != 1 else ""
+        args, kwargs, tried = tuple(inputs), {}, f"model(*inputs) with {len(inputs)} positional input{plural}"
     else:
         args, kwargs, tried = (inputs,), {}, "model(x) with 1 positional input"
     try:
@@ -77,16 +78,23 @@ def check_loss_inputs(loss_fn: Callable[..., Any], pred: Any, target: Any) -> No
             for fn, p, t in zip(parts, pred, targets):
                 check_loss_inputs(fn, p, t)
         return
+    if isinstance(pred, (tuple, list, Mapping)) and (
+        isinstance(loss_fn, nn.modules.loss._Loss) or getattr(loss_fn, "__module__", None) == F.__name__
+    ):
+        raise LanternaError(
+            f"The model returned {len(pred)} outputs {describe(pred)} but the loss is a single "
+            f"{_loss_name(loss_fn)}, which takes one tensor. Pass one loss per output, e.g. "
+            f"loss=[{_loss_name(loss_fn)}(), ...] with loss_weights=[0.8, 0.2, ...], or return one tensor."
+        )
     if not isinstance(pred, Tensor) or not isinstance(target, Tensor):
         return
     name = _loss_name(loss_fn)
     is_mod = isinstance(loss_fn, nn.Module)
-    if (is_mod and isinstance(loss_fn, _BCE)) or loss_fn in _BCE_FN:
-        if not target.is_floating_point():
-            raise TargetDtypeError(
-                f"{name} needs a floating-point target of 0/1 values, but the target is {describe(target)}. "
-                "Convert it: y = y.float()."
-            )
+    if ((is_mod and isinstance(loss_fn, _BCE)) or loss_fn in _BCE_FN) and not target.is_floating_point():
+        raise TargetDtypeError(
+            f"{name} needs a floating-point target of 0/1 values, but the target is {describe(target)}. "
+            "Convert it: y = y.float()."
+        )
     if (is_mod and isinstance(loss_fn, _CLASS_INDEX)) or loss_fn in _CLASS_INDEX_FN:
         if target.is_floating_point() and target.shape != pred.shape:
             raise TargetDtypeError(

@@ -40,7 +40,8 @@ def run_phase(ctx: Context, training: bool) -> None:
         step = ctx.valid_step
     begin(ctx)
     i = 0
-    with torch.set_grad_enabled(training):
+    local_stop = ctx.dist is None  # under DDP, Ctrl-C is agreed at epoch end so no rank waits for another
+    with torch.set_grad_enabled(training), ctx.phase_context(training):
         for i, batch in enumerate(source, 1):
             ctx.iter = i
             ctx.batch = batch
@@ -52,9 +53,9 @@ def run_phase(ctx: Context, training: bool) -> None:
             if training:
                 ctx.step += 1
             b_end(ctx)
-            if ctx.interrupted:
+            if ctx.interrupted and local_stop:
                 raise _Interrupted()
-    if i == 0:
+    if i == 0 and (training or ctx.dist is None):
         raise DataError(
             f"The {'training' if training else 'validation'} data yielded no batches. "
             "Check that it is not empty (and that drop_last does not drop everything)."
@@ -80,6 +81,11 @@ def fit_loop(ctx: Context) -> None:
                 ctx.record["epoch_time"] = time.perf_counter() - t0
                 ctx.history.append(ctx.record)
                 hooks.on_epoch_end(ctx)
+                if ctx.dist is not None:
+                    ctx.interrupted = ctx.dist.any(ctx.interrupted)
+                    ctx.stop_training = ctx.dist.any(ctx.stop_training)
+                if ctx.interrupted:
+                    raise _Interrupted()
                 if ctx.stop_training:
                     if epoch >= ctx.min_epochs:
                         ctx.status = "stopped_early"

@@ -16,6 +16,13 @@ LossFn = Callable[[Any, Any], Tensor]
 
 def build_loss(loss: Any, loss_weights: Any, model: nn.Module, custom_step: bool) -> LossFn | None:
     """Return ``(pred, target) -> scalar`` for the setup's ``loss`` and ``loss_weights``."""
+    multi = isinstance(loss, (Mapping, Sequence)) and not isinstance(loss, str)
+    if loss_weights is not None and not multi:
+        raise LanternaError(
+            "loss_weights weighs the losses of a multi-output model, so loss must be a list (or dict) with one "
+            "loss per output, e.g. loss=[nn.MSELoss(), nn.MSELoss()], loss_weights=[0.8, 0.2]. "
+            "Drop loss_weights for a single loss."
+        )
     if loss is None:
         own = getattr(model, "loss", None)
         if callable(own) and not isinstance(own, Tensor):
@@ -27,14 +34,24 @@ def build_loss(loss: Any, loss_weights: Any, model: nn.Module, custom_step: bool
             "on the module."
         )
     if isinstance(loss, Mapping):
+        for key, part in loss.items():
+            _check_callable(part, f"loss[{key!r}]")
         return _dict_loss(dict(loss), loss_weights)
     if isinstance(loss, Sequence) and not isinstance(loss, str):
+        if not loss:
+            raise LanternaError("loss is an empty list; give one loss per output.")
+        for i, part in enumerate(loss):
+            _check_callable(part, f"loss[{i}]")
         return _list_loss(list(loss), loss_weights)
-    if not callable(loss):
-        raise LanternaError(f"loss must be callable (pred, target) -> tensor; got {type(loss).__name__}.")
-    if isinstance(loss, type):
-        raise LanternaError(f"loss={loss.__name__} is a class; pass an instance, e.g. loss={loss.__name__}().")
+    _check_callable(loss, "loss")
     return loss
+
+
+def _check_callable(loss: Any, where: str) -> None:
+    if isinstance(loss, type):
+        raise LanternaError(f"{where}={loss.__name__} is a class; pass an instance, e.g. {where}={loss.__name__}().")
+    if not callable(loss):
+        raise LanternaError(f"{where} must be callable (pred, target) -> tensor; got {type(loss).__name__}.")
 
 
 def _list_loss(losses: list[LossFn], weights: Any) -> LossFn:

@@ -6,6 +6,8 @@ Accepted: a DataLoader, a Dataset, a tuple/list ``(x, y)`` of tensors / NumPy ar
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -52,9 +54,16 @@ def _leaf_to_tensor(obj: Any, where: str) -> Tensor:
                 f"{where} has dtype {obj.dtype}, which is not numeric. Convert it first, e.g. "
                 "df.astype('float32') or pd.get_dummies(df) for categorical columns."
             )
-        obj = torch.from_numpy(np.ascontiguousarray(obj))
+        arr = np.ascontiguousarray(obj)
+        if not arr.flags.writeable:  # pandas copy-on-write views are read-only; torch warns on those
+            arr = arr.copy()
+        obj = torch.from_numpy(arr)
     if not isinstance(obj, Tensor):
-        raise DataError(f"{where} is a {type(obj).__name__}; expected {_SUPPORTED}.")
+        hint = ""
+        if isinstance(obj, (bool, int, float, complex, str)):
+            hint = (" Python lists or dicts of plain values are not converted: make tensors or arrays first, "
+                    "e.g. torch.tensor(values) or np.asarray(values).")
+        raise DataError(f"{where} is a {type(obj).__name__}; expected {_SUPPORTED}.{hint}")
     if obj.is_floating_point() and obj.dtype == torch.float64:
         obj = obj.float()
     elif obj.dtype in (torch.int8, torch.int16, torch.int32, torch.uint8):
@@ -62,24 +71,24 @@ def _leaf_to_tensor(obj: Any, where: str) -> Tensor:
     return obj
 
 
-def to_tensor_leaves(data: Any) -> tuple[list[Tensor], Any]:
+def to_tensor_leaves(data: Any, what: str = "data") -> tuple[list[Tensor], Any]:
     """Flatten in-memory data into tensors (float → float32, integers → int64) and a structure spec."""
     leaves, spec = flatten(data)
     if not leaves:
-        raise DataError(f"The data holds no tensors or arrays; expected {_SUPPORTED}.")
-    tensors = [_leaf_to_tensor(leaf, f"Data item {i}") for i, leaf in enumerate(leaves)]
+        raise DataError(f"The {what} holds no tensors or arrays; expected {_SUPPORTED}.")
+    tensors = [_leaf_to_tensor(leaf, f"Item {i} of the {what}") for i, leaf in enumerate(leaves)]
     for i, t in enumerate(tensors):
         if t.dim() == 0:
-            raise DataError(f"Data item {i} is a scalar; every item needs a first (sample) dimension.")
+            raise DataError(f"Item {i} of the {what} is a scalar; every item needs a first (sample) dimension.")
     sizes = {int(t.shape[0]) for t in tensors}
     if len(sizes) > 1:
         shapes = ", ".join(str(tuple(t.shape)) for t in tensors)
         raise DataError(
-            f"The data's tensors/arrays have different numbers of samples (first dimensions: {shapes}). "
+            f"The {what}'s tensors/arrays have different numbers of samples (first dimensions: {shapes}). "
             "Inputs and targets must have one row per sample."
         )
     if sizes == {0}:
-        raise DataError("The data is empty (0 samples). Pass at least one sample.")
+        raise DataError(f"The {what} is empty (0 samples). Pass at least one sample.")
     return tensors, spec
 
 
@@ -145,7 +154,7 @@ def make_source(
     if isinstance(data, (Tensor, np.ndarray, tuple, list, Mapping)) or _is_pandas(data):
         if isinstance(data, (tuple, list)) and len(data) == 0:
             raise DataError(f"The {what} is an empty tuple/list; pass (x, y) or x.")
-        leaves, spec = to_tensor_leaves(data)
+        leaves, spec = to_tensor_leaves(data, what)
         return _tensor_source(leaves, spec, train=train, options=opts, what=what)
     raise DataError(f"Unsupported {what} of type {type(data).__name__}; expected {_SUPPORTED}.")
 
@@ -216,6 +225,8 @@ def _from_dataset(ds: Dataset, *, train: bool, options: dict[str, Any], what: st
     if leaves is not None:
         return _tensor_source(leaves, _flat_spec(len(leaves)), train=train, options=options, what=what)
     opts = {**_LOADER_DEFAULTS, **options}
+    if "batch_sampler" in opts:  # it sets the batch size itself; DataLoader refuses both
+        opts.pop("batch_size", None)
     if iterable:
         if opts.get("shuffle"):
             raise DataError("An IterableDataset cannot be shuffled by the loader; shuffle inside the dataset.")
@@ -233,10 +244,21 @@ def _from_dataset(ds: Dataset, *, train: bool, options: dict[str, Any], what: st
 
 def _class_labels(target: Any) -> Tensor | None:
     """Integer class labels (1-D, or (N, 1)) when the target holds them; None otherwise."""
-    if isinstance(target, Tensor) and not target.is_floating_point() and not target.is_complex():
-        if target.dim() == 1 or (target.dim() == 2 and target.shape[1] == 1):
-            return target.reshape(-1).cpu()
+    is_labels = isinstance(target, Tensor) and not target.is_floating_point() and not target.is_complex()
+    if is_labels and (target.dim() == 1 or (target.dim() == 2 and target.shape[1] == 1)):
+        return target.reshape(-1).cpu()
     return None
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning raised by our caller point at the first frame outside lanterna."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _split_indices(n: int, fraction: float, labels: Tensor | None, gen: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -244,26 +266,30 @@ def _split_indices(n: int, fraction: float, labels: Tensor | None, gen: torch.Ge
         perm = torch.randperm(n, generator=gen)
         n_valid = min(max(int(round(fraction * n)), 1), n - 1)
         return perm[n_valid:].sort().values, perm[:n_valid].sort().values
-    train_parts, valid_parts, one_sided = [], [], []
+    train_parts, valid_parts = [], []
+    one_sided: dict[str, list[Any]] = {"training": [], "validation": []}
     for cls in torch.unique(labels).tolist():
         idx = torch.nonzero(labels == cls).flatten()
         idx = idx[torch.randperm(len(idx), generator=gen)]
         k = int(round(fraction * len(idx)))
-        if k == 0 or k == len(idx):
-            one_sided.append(cls)
+        if k == 0:
+            one_sided["training"].append(cls)
+        elif k == len(idx):
+            one_sided["validation"].append(cls)
         valid_parts.append(idx[:k])
         train_parts.append(idx[k:])
     train_idx = torch.cat(train_parts).sort().values
     valid_idx = torch.cat(valid_parts).sort().values
     if len(train_idx) == 0 or len(valid_idx) == 0:
         return _split_indices(n, fraction, None, gen)
-    if one_sided:
-        warnings.warn(
-            f"valid_data={fraction}: class(es) {one_sided[:10]} ended up only in the "
-            f"{'training' if len(valid_idx) else 'validation'} part of the split (too few samples). "
-            "Metrics for them will be missing on one side; use more data or a different fraction.",
-            stacklevel=4,
-        )
+    for side, classes in one_sided.items():
+        if classes:
+            warnings.warn(
+                f"valid_data={fraction}: class(es) {classes[:10]}{' ...' if len(classes) > 10 else ''} ended up "
+                f"only in the {side} part of the split (too few samples). Metrics for them will be missing on "
+                "one side; use more data or a different fraction.",
+                stacklevel=_user_stacklevel(),
+            )
     return train_idx, valid_idx
 
 
@@ -291,11 +317,13 @@ def split_valid(
             raise DataError("valid_data as a fraction needs at least 2 samples.")
         target = train_src.leaves[-1] if len(train_src.leaves) > 1 else None
         tr, va = _split_indices(n, float(fraction), _class_labels(target), generator)
-        return train_src.subset(tr), train_src.subset(va, shuffle=False)
+        valid_src = train_src.subset(va, shuffle=False)
+        valid_src.drop_last = False  # validation always covers every held-out sample
+        return train_src.subset(tr), valid_src
     ds = data
     tr, va = _split_dataset(ds, fraction, generator)
     opts = dict(options or {})
-    valid_opts = {**opts, "shuffle": False}
+    valid_opts = {**opts, "shuffle": False, "drop_last": False}
     return (
         make_source(Subset(ds, tr.tolist()), train=True, options=opts),
         make_source(Subset(ds, va.tolist()), train=False, options=valid_opts),
@@ -344,5 +372,5 @@ def _split_loader(dl: DataLoader, fraction: float, gen: torch.Generator) -> tupl
         opts.update(prefetch_factor=dl.prefetch_factor, persistent_workers=dl.persistent_workers)
     shuffle = isinstance(dl.sampler, RandomSampler)
     train_dl = DataLoader(Subset(dl.dataset, tr.tolist()), shuffle=shuffle, **opts)
-    valid_dl = DataLoader(Subset(dl.dataset, va.tolist()), shuffle=False, **opts)
+    valid_dl = DataLoader(Subset(dl.dataset, va.tolist()), shuffle=False, **{**opts, "drop_last": False})
     return _from_loader(train_dl, "training data"), _from_loader(valid_dl, "validation data")

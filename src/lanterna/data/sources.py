@@ -98,11 +98,16 @@ class TensorBatches(BatchSource):
             seed = int(torch.empty((), dtype=torch.int64).random_().item())
             gen = torch.Generator()
             gen.manual_seed(seed)
-        return torch.randperm(self.num_samples, generator=gen)
+            return torch.randperm(self.num_samples, generator=gen)
+        order = torch.randperm(self.num_samples, generator=gen)
+        # RandomSampler draws one more (empty-sliced) permutation when it runs out; with the user's generator
+        # that draw advances it, so make it too.
+        torch.randperm(self.num_samples, generator=gen)
+        return order
 
     def __iter__(self) -> Iterator[Any]:
         order = self.epoch_order()
-        n = self.num_samples
+        n = self.num_samples if order is None else len(order)
         bs = self.batch_size
         stop = n - n % bs if self.drop_last else n
         leaves = self.leaves

@@ -29,7 +29,7 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
     >>> split_batch((x, y))[1] is y
     True
     """
-    if isinstance(batch, Tensor) or isinstance(batch, Mapping):
+    if isinstance(batch, (Tensor, Mapping)):
         return batch, None
     if isinstance(batch, Sequence) and not isinstance(batch, str):
         if len(batch) == 1:

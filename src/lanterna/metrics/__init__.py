@@ -4,7 +4,7 @@
 >>> metrics = [ln.metrics.MAE(), ln.metrics.RMSE()]
 """
 
-from .base import LanternaMetric, MetricSet, metric_display, metric_key, named, unique_names
+from .base import LanternaMetric, MetricSet, metric_display, metric_key, named, on_output, unique_names
 from .classification import Accuracy, BinaryAccuracy, BinaryAccuracyWithLogits, BinaryAUROC, MulticlassAUROC
 from .regression import MAE, MSE, RMSE
 
@@ -22,5 +22,6 @@ __all__ = [
     "metric_display",
     "metric_key",
     "named",
+    "on_output",
     "unique_names",
 ]

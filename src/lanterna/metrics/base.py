@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-__all__ = ["LanternaMetric", "named", "metric_key", "metric_display", "MetricSet", "unique_names"]
+__all__ = ["LanternaMetric", "named", "on_output", "metric_key", "metric_display", "MetricSet", "unique_names"]
 
 
 class LanternaMetric(Metric):
@@ -41,8 +41,9 @@ def _check_same_numel(metric: str, pred: Tensor, target: Tensor) -> tuple[Tensor
     )
 
 
-def named(metric: Metric, name: str) -> Metric:
-    """Give a metric the history key ``name`` (e.g. ``named(MulticlassF1Score(10), "f1")`` → ``valid_f1``).
+def named(metric: Metric, name: str, *, output: int | str | None = None) -> Metric:
+    """Give a metric the history key ``name`` (e.g. ``named(MulticlassF1Score(10), "f1")`` → ``valid_f1``);
+    ``output`` also binds it to one output of a multi-output model (see :func:`on_output`).
 
     >>> import torchmetrics
     >>> m = named(torchmetrics.MeanSquaredError(), "mse2")
@@ -50,6 +51,22 @@ def named(metric: Metric, name: str) -> Metric:
     'mse2'
     """
     metric._lanterna_name = name  # type: ignore[attr-defined]
+    if output is not None:
+        on_output(metric, output)
+    return metric
+
+
+def on_output(metric: Metric, output: int | str) -> Metric:
+    """Compute ``metric`` on one output of a multi-output model: an index into a returned tuple or a key of a
+    returned dict. The target is taken the same way when it is a tuple/dict (one target per output), else the
+    one shared target is used. Without it, metrics see the main output (the first).
+
+    >>> from lanterna.metrics import MAE
+    >>> aux_mae = named(on_output(MAE(), 1), "aux_mae")   # history: train_aux_mae, valid_aux_mae
+    """
+    if isinstance(output, bool) or not isinstance(output, (int, str)):
+        raise TypeError(f"on_output(metric, output): output must be an index (int) or a key (str), got {output!r}.")
+    metric._lanterna_output = output  # type: ignore[attr-defined]
     return metric
 
 

@@ -1,0 +1,65 @@
+"""Run one contender on one workload in this process and print one JSON line (used by run.py).
+
+    python bench/worker.py W1 lanterna --threads 1
+
+Imports and data generation are not timed; the time covers building the model, optimizer and framework
+objects, training, validation and reading the final numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import sys
+import time
+import warnings
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_rss_mb() -> float:
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak_kb / 1024 if platform.system() != "Darwin" else peak_kb / 2**20
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("workload")
+    p.add_argument("contender")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args()
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    sys.path.insert(0, BENCH)
+    warnings.filterwarnings("ignore")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from contenders import load
+    from workloads import WORKLOADS
+
+    w = WORKLOADS[args.workload]
+    mod = load(args.contender)  # the framework's import is not timed
+    data = w.data()
+    gc.collect()
+    rss_before = _rss_mb()
+    c0, t0 = time.process_time(), time.perf_counter()
+    result = mod.run(w, data, args.contender)
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+    print("BENCH_RESULT " + json.dumps({
+        "workload": w.name, "contender": args.contender, "seconds": seconds, "cpu_seconds": cpu_seconds,
+        "us_per_step": seconds / w.steps * 1e6, "peak_rss_mb": _peak_rss_mb(), "rss_before_mb": rss_before,
+        "threads": torch.get_num_threads(), **{k: float(v) for k, v in result.items()},
+    }), flush=True)
+
+
+if __name__ == "__main__":
+    main()

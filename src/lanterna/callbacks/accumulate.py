@@ -1,0 +1,61 @@
+"""Gradient accumulation: one optimizer step every N batches, as if the batches were one."""
+
+from __future__ import annotations
+
+from ..core.callback import Callback
+from ..core.context import Context
+from ..errors import LanternaError
+
+__all__ = ["GradientAccumulation"]
+
+
+class GradientAccumulation(Callback):
+    """Add up the gradients of ``n_batches`` consecutive training batches and step the optimizers once.
+
+    Each batch's loss is divided by the number of batches in its group before backward, so with a
+    mean-reduced loss and equal batch sizes one step equals a step on one batch ``n_batches`` times larger.
+    Groups restart every epoch; a last, shorter group of an epoch is stepped at its end and averaged over its
+    own size. Reported losses and metrics are the unscaled per-batch values.
+
+    It composes with the rest: gradient clipping and ``on_train_batch_before_step`` / ``_after_step`` hooks
+    run only on the real steps (on the accumulated gradient), 16-bit mixed precision keeps one scaler update
+    per step, per-batch LR schedulers step with the optimizer, and a custom ``step(ctx)`` calling
+    ``ctx.backward`` / ``ctx.step_optimizer`` accumulates the same way (``ctx.accumulating`` tells it when the
+    step is deferred). Under DDP the gradients are still all-reduced on every batch.
+
+    >>> import lanterna as ln
+    >>> cb = ln.callbacks.GradientAccumulation(4)   # batch_size=16 trains like batch_size=64
+    """
+
+    order = -500  # decide before other batch-begin hooks whether this batch steps
+
+    def __init__(self, n_batches: int) -> None:
+        if isinstance(n_batches, bool) or not isinstance(n_batches, int) or n_batches < 1:
+            raise LanternaError(f"GradientAccumulation(n_batches={n_batches!r}): give a positive integer number "
+                                "of batches per optimizer step, e.g. GradientAccumulation(4).")
+        self.n_batches = n_batches
+        self._scale = 1.0
+
+    def __repr__(self) -> str:
+        return f"GradientAccumulation(n_batches={self.n_batches})"
+
+    def on_train_batch_begin(self, ctx: Context) -> None:
+        i = ctx.iter - 1
+        start = i - i % self.n_batches
+        total = ctx.num_batches
+        size = self.n_batches if total is None else min(self.n_batches, total - start)
+        ctx.accumulating = i - start + 1 < size
+        self._scale = 1.0 / size
+
+    def on_train_batch_before_backward(self, ctx: Context) -> None:
+        if self._scale != 1.0:
+            ctx.backward_loss = ctx.backward_loss * self._scale
+
+    def on_train_end(self, ctx: Context) -> None:
+        if ctx.accumulating:  # data of unknown length ended inside a group: step on what was accumulated
+            ctx.accumulating = False
+            ctx.step_optimizer()
+        ctx.accumulating = False
+
+    def on_fit_end(self, ctx: Context) -> None:
+        ctx.accumulating = False

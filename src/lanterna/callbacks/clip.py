@@ -1,0 +1,62 @@
+"""Gradient-norm clipping before each optimizer step."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from ..core.callback import Callback
+from ..core.context import Context
+from ..errors import LanternaError
+
+__all__ = ["GradientClip"]
+
+
+class GradientClip(Callback):
+    """Clip the gradients' total norm to ``max_norm`` (``torch.nn.utils.clip_grad_norm_``) at
+    ``on_train_batch_before_step`` (order 100: after user callbacks at the default order, which so see the
+    raw gradients; the last thing before the optimizer step).
+
+    Only the parameters of the optimizer(s) about to step are clipped (one at a time in a GAN's
+    ``ctx.step_optimizer("d")``). Under ``precision="16-mixed"`` the gradients are unscaled first, so
+    ``max_norm`` is in the true gradient scale. No device synchronisation: the norm stays on the device.
+
+    Args:
+        max_norm: the largest total gradient norm allowed (> 0).
+        norm_type: the p of the p-norm (``2``, ``1``, ``float("inf")``).
+
+    >>> import lanterna as ln
+    >>> cb = ln.callbacks.GradientClip(max_norm=1.0)
+    """
+
+    order = 100
+
+    def __init__(self, max_norm: float, norm_type: float = 2.0) -> None:
+        max_norm, norm_type = float(max_norm), float(norm_type)
+        if not max_norm > 0 or math.isnan(max_norm):
+            raise LanternaError(f"GradientClip(max_norm={max_norm!r}): max_norm must be a positive number.")
+        if not (norm_type > 0 or math.isinf(norm_type)):
+            raise LanternaError(f"GradientClip(norm_type={norm_type!r}): use a positive p, or float('inf').")
+        self.max_norm = max_norm
+        self.norm_type = norm_type
+        self._params: dict[str | None, list[torch.Tensor]] = {}
+
+    def on_fit_begin(self, ctx: Context) -> None:
+        opts = ctx.optimizers
+        self._opts = {None: list(opts.values()), **{name: [opt] for name, opt in opts.items()}}
+        self._params = {key: [p for opt in group for g in opt.param_groups for p in g["params"]]
+                        for key, group in self._opts.items()}
+
+    def on_train_batch_before_step(self, ctx: Context) -> None:
+        key = getattr(ctx, "current_opt", None)
+        if ctx.scaler is not None:
+            for opt in self._opts[key]:
+                # RuntimeError: already unscaled for this step (by the user or another callback)
+                with contextlib.suppress(RuntimeError):
+                    ctx.scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(self._params[key], self.max_norm, norm_type=self.norm_type)
+
+    def __repr__(self) -> str:
+        return f"GradientClip(max_norm={self.max_norm}, norm_type={self.norm_type})"

@@ -1,0 +1,116 @@
+"""One CSV row per epoch, the history keys as columns."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ..core.callback import Callback
+from ..core.context import Context
+from ..errors import LanternaError
+
+__all__ = ["CSVLogger"]
+
+
+class CSVLogger(Callback):
+    """Write each epoch's history record (``epoch, lr, train_loss, …, valid_loss, …, epoch_time``) as a row
+    of ``path`` (order 600: after the scheduler step, before checkpoints and early stopping).
+
+    A new fit overwrites the file; a resumed fit (``ctx.start_epoch > 0``, e.g. with ``AutoResume``) appends
+    to it, first dropping rows of epochs after the resumed one (an epoch that was logged but not
+    checkpointed is trained again), or, when the file is missing, first writing the restored history.
+    A key that appears in a later epoch adds a column (the file is rewritten once with the wider header).
+    The file is closed after every row, so it is complete whenever fit stops. Only the main process writes.
+
+    Args:
+        path: the CSV file; its folder is created.
+        separator: the field delimiter.
+
+    >>> import lanterna as ln
+    >>> cb = ln.callbacks.CSVLogger("logs/history.csv")
+    """
+
+    order = 600
+
+    def __init__(self, path: str | os.PathLike[str], separator: str = ",") -> None:
+        if not isinstance(path, (str, os.PathLike)):
+            raise LanternaError(f"CSVLogger(path={path!r}): give a file path (str or pathlib.Path).")
+        self.path = Path(path)
+        if self.path.is_dir():
+            raise LanternaError(f"CSVLogger: {str(self.path)!r} is a folder; give a file path such as "
+                                f"{str(self.path / 'history.csv')!r}.")
+        self.separator = separator
+        self._fields: list[str] | None = None
+
+    def on_fit_begin(self, ctx: Context) -> None:
+        self._fields = None  # decided at the first epoch end, when a resume has restored start_epoch
+
+    def on_epoch_end(self, ctx: Context) -> None:
+        if not getattr(ctx, "is_main", True):
+            return
+        record = ctx.history[-1]
+        if self._fields is None:
+            self._start(ctx)
+        assert self._fields is not None
+        new = [k for k in record if k not in self._fields]
+        if new:
+            rows = self._read()
+            self._fields += new
+            self._rewrite(rows)
+        with self.path.open("a", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=self._fields, delimiter=self.separator)
+            writer.writerow({k: _cell(v) for k, v in record.items()})
+
+    # ------------------------------------------------------------------ file handling
+    def _start(self, ctx: Context) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        start = int(getattr(ctx, "start_epoch", 0) or 0)
+        if start > 0 and self.path.exists():
+            with self.path.open(newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f, delimiter=self.separator)
+                self._fields = list(reader.fieldnames or ["epoch"])
+                rows = list(reader)
+            kept = [r for r in rows if _epoch_of(r) <= start]
+            if len(kept) != len(rows) or not rows:
+                self._rewrite(kept)
+            return
+        earlier = [r for r in ctx.history[:-1] if int(r.get("epoch", 0)) <= start] if start > 0 else []
+        self._fields = []
+        for rec in earlier + [ctx.history[-1]]:
+            self._fields += [k for k in rec if k not in self._fields]
+        self._rewrite([{k: _cell(v) for k, v in r.items()} for r in earlier])
+
+    def _read(self) -> list[dict[str, str]]:
+        if not self.path.exists():
+            return []
+        with self.path.open(newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f, delimiter=self.separator))
+
+    def _rewrite(self, rows: list[dict[str, Any]]) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with tmp.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=self._fields or ["epoch"], delimiter=self.separator)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, self.path)
+
+    def __repr__(self) -> str:
+        return f"CSVLogger({str(self.path)!r})"
+
+
+def _cell(value: Any) -> Any:
+    if isinstance(value, float):
+        return repr(value)  # full precision, round-trips through float()
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value)
+    return value
+
+
+def _epoch_of(row: dict[str, str]) -> int:
+    try:
+        return int(float(row.get("epoch") or 0))
+    except ValueError:
+        return 0

@@ -1,0 +1,89 @@
+"""Optuna pruning: report the monitored value every epoch and stop trials the pruner gives up on."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+from ..core.callback import Callback
+from ..core.context import Context
+from .monitor import Monitor
+
+__all__ = ["OptunaPruning", "import_optuna"]
+
+
+def import_optuna() -> Any:
+    """Import optuna, or raise an ImportError that names the extra to install."""
+    try:
+        import optuna
+    except ImportError as e:
+        raise ImportError(
+            "Hyperparameter tuning needs optuna, which is not installed. Install it with "
+            "pip install 'lanterna[optuna]' (or pip install optuna)."
+        ) from e
+    return optuna
+
+
+class OptunaPruning(Callback):
+    """Reports ``monitor`` to an Optuna trial after every epoch (``trial.report(value, epoch)``) and raises
+    ``optuna.TrialPruned`` when the study's pruner says so; the exception ends fit and reaches
+    ``study.optimize``, which records the trial as PRUNED (seed 004's ``MedianPruner`` loop).
+
+    Runs at epoch end after the metrics and the other callbacks, before EarlyStopping, ModelCheckpoint and
+    AutoResume (order 900). A NaN value is reported as is; Optuna's pruners prune it.
+
+    >>> import lanterna as ln
+    >>> def objective(trial):
+    ...     lr = trial.suggest_float("lr", 1e-4, 1e-1, log=True)
+    ...     fitted = setup.set_opt_hparams(lr=lr).fit(
+    ...         train, valid_data=valid, epochs=10,
+    ...         callbacks=[ln.callbacks.OptunaPruning(trial, monitor="valid_acc")])
+    ...     return fitted.history[-1]["valid_acc"]
+    """
+
+    order = 900
+
+    def __init__(self, trial: Any, monitor: str = "valid_loss", mode: str = "auto") -> None:
+        optuna = import_optuna()
+        if not isinstance(trial, optuna.trial.BaseTrial):
+            raise TypeError(
+                f"OptunaPruning(trial, ...) needs the optuna Trial that the objective function receives, "
+                f"got {type(trial).__name__}."
+            )
+        self._pruned_cls = optuna.TrialPruned
+        self.trial = trial
+        self.monitor = Monitor(monitor, mode)
+
+    def __repr__(self) -> str:
+        return f"OptunaPruning(trial={getattr(self.trial, 'number', '?')}, monitor={self.monitor.name!r})"
+
+    def on_fit_begin(self, ctx: Context) -> None:
+        self.monitor.check_known(ctx)
+        direction = _study_direction(self.trial)
+        if direction is not None and direction != self.monitor.mode:
+            warnings.warn(
+                f"OptunaPruning: the study {'minimizes' if direction == 'min' else 'maximizes'} but "
+                f"{self.monitor.name!r} is a quantity to {'maximize' if self.monitor.mode == 'max' else 'minimize'}"
+                ", so the pruner would stop the best trials. Create the study with "
+                f"direction={'maximize' if self.monitor.mode == 'max' else 'minimize'!r} (or pass mode=...).",
+                stacklevel=2,
+            )
+
+    def on_epoch_end(self, ctx: Context) -> None:
+        value = self.monitor.value(ctx)
+        self.trial.report(value, ctx.epoch)
+        if self.trial.should_prune():
+            shown = value if math.isfinite(value) else str(value)
+            raise self._pruned_cls(f"Trial pruned at epoch {ctx.epoch}: {self.monitor.name}={shown}.")
+
+
+def _study_direction(trial: Any) -> str | None:
+    study = getattr(trial, "study", None)
+    try:
+        directions = study.directions if study is not None else None
+    except Exception:  # a FixedTrial or a study without directions
+        return None
+    if not directions or len(directions) != 1:
+        return None
+    return "max" if directions[0].name == "MAXIMIZE" else "min"

@@ -1,0 +1,214 @@
+"""DDP under ``torchrun``: process group, per-rank device, data shards, cross-rank reductions (API.md §8).
+
+The same script runs with ``python train.py`` and ``torchrun --nproc_per_node=N train.py``: when torchrun's
+environment says ``WORLD_SIZE > 1``, :func:`from_env` initialises the process group (nccl on cuda, gloo on
+cpu) and fit wraps the model in ``DistributedDataParallel``.
+
+Sharding: every rank sees ``order[rank::world_size]`` of each epoch's order — each sample exactly once, no
+padding duplicates. The order is drawn from a generator seeded with ``seed + epoch`` (as DistributedSampler
+does), identical on every rank. Uneven shards are handled by DDP's ``join()`` in training; validation runs
+the unwrapped module, so ranks never wait for one another inside a phase. Sums and counts are reduced across
+ranks at the end of each phase (exact epoch values), and stop / Ctrl-C decisions are agreed at epoch end.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import datetime
+import os
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, IterableDataset, Sampler
+
+from ..data.sources import BatchSource, LoaderBatches, TensorBatches
+
+__all__ = ["Distributed", "from_env", "world_size_from_env"]
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+class ShardSampler(Sampler[int]):
+    """``order[rank::world_size]``, where ``order`` is a permutation seeded by ``seed + epoch`` (shuffle) or
+    ``range(n)``. No padding: shards differ in length by at most one.
+
+    >>> list(ShardSampler(5, rank=1, world_size=2, shuffle=False))
+    [1, 3]
+    """
+
+    def __init__(self, n: int, rank: int, world_size: int, shuffle: bool, seed: int = 0) -> None:
+        self.n, self.rank, self.world_size, self.shuffle, self.seed = n, rank, world_size, shuffle, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def order(self) -> Tensor:
+        if not self.shuffle:
+            return torch.arange(self.n)[self.rank :: self.world_size]
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        return torch.randperm(self.n, generator=g)[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order().tolist())
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world_size))
+
+
+class _ShardedTensorBatches(TensorBatches):
+    """The fast path over one rank's shard, re-drawn every epoch."""
+
+    def __init__(self, base: TensorBatches, sampler: ShardSampler) -> None:
+        super().__init__(base.leaves, base.spec, batch_size=base.batch_size, shuffle=False,
+                         drop_last=base.drop_last)
+        self.sampler = sampler
+        self.num_samples = len(sampler)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def epoch_order(self) -> Tensor:
+        return self.sampler.order()
+
+
+def _rebuild_loader(dl: DataLoader, sampler: Sampler[int]) -> DataLoader:
+    opts: dict[str, Any] = {
+        "batch_size": dl.batch_size, "num_workers": dl.num_workers, "collate_fn": dl.collate_fn,
+        "pin_memory": dl.pin_memory, "drop_last": dl.drop_last, "timeout": dl.timeout,
+        "worker_init_fn": dl.worker_init_fn, "generator": dl.generator,
+    }
+    if dl.num_workers > 0:
+        opts.update(prefetch_factor=dl.prefetch_factor, persistent_workers=dl.persistent_workers)
+    return DataLoader(dl.dataset, sampler=sampler, **opts)
+
+
+class Distributed:
+    """One process of a DDP job: rank, world size, device, and the collectives fit needs."""
+
+    def __init__(self, rank: int, world_size: int, local_rank: int, device: torch.device, seed: int) -> None:
+        self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
+        self.device = device
+        self.seed = seed
+        self.is_main = rank == 0
+        self._ddp: nn.parallel.DistributedDataParallel | None = None
+
+    def __repr__(self) -> str:
+        return f"Distributed(rank={self.rank}, world_size={self.world_size}, device={self.device})"
+
+    # ----------------------------------------------------------------- model and data
+    def wrap(self, forward_model: Any, model: nn.Module) -> Any:
+        """DDP around the module (compiled modules are wrapped through their original module)."""
+        if not any(p.requires_grad for p in model.parameters()):
+            return forward_model
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        self._ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        if forward_model is model:
+            return self._ddp
+        warnings.warn("compile=True under DDP compiles the module inside DDP lazily.", stacklevel=3)
+        return torch.compile(self._ddp)
+
+    def shard(self, source: BatchSource, *, train: bool) -> BatchSource:
+        """This rank's part of a batch source: each sample on exactly one rank."""
+        if isinstance(source, TensorBatches):
+            sampler = ShardSampler(source.num_samples, self.rank, self.world_size,
+                                   shuffle=source.shuffle and train, seed=self.seed)
+            return _ShardedTensorBatches(source, sampler)
+        if isinstance(source, LoaderBatches):
+            dl = source.loader
+            if isinstance(dl.dataset, IterableDataset):
+                warnings.warn(
+                    "An IterableDataset cannot be sharded by lanterna under DDP: every rank reads all of it. "
+                    "Shard inside the dataset (torch.distributed.get_rank() / get_world_size()).",
+                    stacklevel=3,
+                )
+                return source
+            if isinstance(dl.sampler, ShardSampler) or dl.batch_size is None:
+                return source
+            shuffle = train and type(dl.sampler).__name__ == "RandomSampler"
+            sampler = ShardSampler(len(dl.dataset), self.rank, self.world_size, shuffle=shuffle, seed=self.seed)
+            return LoaderBatches(_rebuild_loader(dl, sampler), source.device)
+        return source
+
+    @staticmethod
+    def total_samples(source: BatchSource) -> int:
+        """Samples over all ranks of a source made by :meth:`shard`."""
+        sampler = source.sampler if isinstance(source, _ShardedTensorBatches) else source.loader.sampler
+        return sampler.n
+
+    def phase_context(self, training: bool) -> contextlib.AbstractContextManager[Any]:
+        """Training under ``join()``: ranks with fewer batches shadow the others' all-reduces."""
+        if training and self._ddp is not None:
+            return self._ddp.join()
+        return contextlib.nullcontext()
+
+    # ----------------------------------------------------------------- collectives
+    def all_reduce_sum(self, t: Tensor) -> Tensor:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when it is True on any rank."""
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def gather_in_order(self, local: Tensor, n_total: int) -> Tensor:
+        """Reassemble per-rank results of ``range(n)[rank::world]`` into dataset order (first dim)."""
+        n_local = torch.tensor([local.shape[0]], device=self.device)
+        sizes = [torch.zeros_like(n_local) for _ in range(self.world_size)]
+        dist.all_gather(sizes, n_local)
+        longest = int(max(s.item() for s in sizes))
+        pad = torch.zeros((longest - local.shape[0], *local.shape[1:]), dtype=local.dtype, device=local.device)
+        padded = torch.cat([local, pad]) if len(pad) else local
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded.contiguous())
+        out = torch.empty((n_total, *local.shape[1:]), dtype=local.dtype, device=local.device)
+        for r, (part, size) in enumerate(zip(parts, sizes)):
+            out[r::self.world_size] = part[: int(size.item())]
+        return out
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+
+def _destroy() -> None:
+    # A process group left to interpreter teardown can abort (SIGABRT) in gloo's destructors.
+    if dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+
+
+def from_env(accelerator: Any, seed: int | None) -> Distributed | None:
+    """A :class:`Distributed` when launched by torchrun with WORLD_SIZE > 1, else None.
+
+    Initialises the default process group once (nccl on cuda, gloo on cpu) and picks ``cuda:LOCAL_RANK``.
+    """
+    world = world_size_from_env()
+    if world <= 1 or accelerator.strategy == "none":
+        return None
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = accelerator.device
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        timeout = datetime.timedelta(seconds=float(os.environ.get("LANTERNA_DIST_TIMEOUT", "1800")))
+        dist.init_process_group(backend=backend, timeout=timeout)
+        atexit.register(_destroy)
+    if seed is None:  # every rank must shuffle alike: take rank 0's seed
+        t = torch.randint(0, 2**31 - 1, (1,), device=device) if rank == 0 else torch.zeros(1, dtype=torch.long,
+                                                                                        device=device)
+        dist.broadcast(t, src=0)
+        seed = int(t.item())
+    return Distributed(rank, world, local_rank, device, seed)

@@ -1,0 +1,133 @@
+"""Atomic file writes: temp file in the same folder → flush → fsync → rename → fsync of the folder.
+
+A reader sees either the previous file or the complete new one, never a partial write, even after a power
+loss. A failed write (a full disk, a permission error) raises and leaves no temp file behind; there is no
+silent fallback to a non-atomic write. Temp files left by a killed process are recognised by their name
+(``.<name>.lanterna-tmp-<pid>-<hex>``) and swept by :func:`sweep_temp_files`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO
+
+__all__ = ["atomic_write", "atomic_write_bytes", "fsync_dir", "sweep_temp_files", "TEMP_MARKER"]
+
+TEMP_MARKER = ".lanterna-tmp-"
+
+
+def _temp_path(path: Path) -> Path:
+    # os.urandom, not the random module: a save must not consume or perturb any RNG (resume parity).
+    return path.with_name(f".{path.name}{TEMP_MARKER}{os.getpid()}-{os.urandom(4).hex()}")
+
+
+def fsync_dir(folder: str | os.PathLike[str]) -> None:
+    """Flush a folder's entries (a rename or an unlink) to disk. No-op where folders cannot be opened
+    (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        if os.name == "nt":
+            return
+        raise
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _open_temp(path: Path) -> Iterator[tuple[IO[bytes], Path]]:
+    tmp = _temp_path(path)
+    f = open(tmp, "xb")  # noqa: SIM115 - closed below, before the rename
+    try:
+        yield f, tmp
+    except BaseException:
+        f.close()
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    f.close()
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> Path:
+    """Write ``path`` atomically: ``write(f)`` fills a temp file in the same folder, which is flushed,
+    fsynced and renamed over ``path``; then the folder is fsynced. Returns ``path``.
+
+    Any error (``OSError`` such as ENOSPC included) propagates after the temp file is removed; ``path`` then
+    still holds its previous content, byte for byte.
+
+    >>> import tempfile, pathlib
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "a.txt"
+    >>> _ = atomic_write(p, lambda f: f.write(b"hello"))
+    >>> p.read_bytes()
+    b'hello'
+    """
+    path = Path(path)
+    folder = path.parent
+    with _open_temp(path) as (f, tmp):
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(folder if str(folder) else ".")
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """:func:`atomic_write` of a bytes object.
+
+    >>> import tempfile, pathlib
+    >>> p = atomic_write_bytes(pathlib.Path(tempfile.mkdtemp()) / "b.bin", b"\\x00\\x01")
+    >>> p.stat().st_size
+    2
+    """
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def sweep_temp_files(folder: str | os.PathLike[str], *, all_processes: bool = False) -> list[Path]:
+    """Remove temp files that an interrupted :func:`atomic_write` left in ``folder``; return them.
+
+    Files of processes still running are kept (they may be writing now) unless ``all_processes``.
+
+    >>> import tempfile
+    >>> sweep_temp_files(tempfile.mkdtemp())
+    []
+    """
+    folder = Path(folder)
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        name = entry.name
+        if not (name.startswith(".") and TEMP_MARKER in name) or not entry.is_file():
+            continue
+        pid_part = name.rsplit(TEMP_MARKER, 1)[1].split("-", 1)[0]
+        if not all_processes and pid_part.isdigit() and _pid_alive(int(pid_part)):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            entry.unlink()
+            removed.append(entry)
+    if removed:
+        fsync_dir(folder)
+    return removed

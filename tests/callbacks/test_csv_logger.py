@@ -1,0 +1,114 @@
+"""CSVLogger: one row per epoch, history keys as columns, overwrite on a new fit, append on resume."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+from torch import nn
+
+import lanterna as ln
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return reader.fieldnames, list(reader)
+
+
+def _setup():
+    return ln.setup(nn.Linear, loss=nn.MSELoss(), metrics=[ln.metrics.MAE()]).set_hparams(
+        in_features=3, out_features=1).set_opt_hparams(lr=0.05)
+
+
+def _data(n=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, generator=g)
+    return x, x.sum(1, keepdim=True)
+
+
+def test_one_row_per_epoch_with_history_keys_as_columns(tmp_path):
+    path = tmp_path / "logs" / "history.csv"  # the folder is created
+    fitted = _setup().fit(_data(), epochs=3, valid_data=_data(16, 1), verbose=False,
+                          callbacks=[ln.callbacks.CSVLogger(path)])
+    header, rows = _rows(path)
+    assert header == list(fitted.history[0])
+    assert header[:2] == ["epoch", "lr"] and {"train_loss", "train_mae", "valid_loss", "valid_mae",
+                                             "epoch_time", "samples_per_s"} <= set(header)
+    assert len(rows) == 3
+    for row, rec in zip(rows, fitted.history, strict=True):
+        assert int(row["epoch"]) == rec["epoch"]
+        for key in header[1:]:
+            assert float(row[key]) == rec[key]  # full precision
+
+
+def test_a_new_fit_overwrites_and_a_new_key_adds_a_column(tmp_path):
+    path = tmp_path / "h.csv"
+    path.write_text("stale,content\n1,2\n")
+
+    class LateLog(ln.Callback):
+        def on_train_batch_end(self, ctx):
+            if ctx.epoch >= 2:
+                ctx.log("late", 1.5)
+
+    _setup().fit(_data(), epochs=3, verbose=False, callbacks=[LateLog(), ln.callbacks.CSVLogger(path)])
+    header, rows = _rows(path)
+    assert header[-1] == "train_late" and "stale" not in header
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    assert [r["train_late"] for r in rows] == ["", "1.5", "1.5"]
+
+
+class FakeResume(ln.Callback):
+    """What AutoResume does at fit begin: restore the history and set start_epoch."""
+
+    order = -500
+
+    def __init__(self, history):
+        self.history = history
+
+    def on_fit_begin(self, ctx):
+        ctx.history = [dict(r) for r in self.history]
+        ctx.start_epoch = len(self.history)
+
+
+def test_appends_on_resume_and_drops_rows_of_epochs_trained_again(tmp_path):
+    path = tmp_path / "h.csv"
+    first = _setup().fit(_data(), epochs=3, verbose=False, callbacks=[ln.callbacks.CSVLogger(path)])
+    assert len(_rows(path)[1]) == 3
+    # the run died after epoch 3 was logged but only epoch 2 was checkpointed: epoch 3 is trained again
+    second = _setup().fit(_data(), epochs=5, verbose=False,
+                          callbacks=[FakeResume(first.history[:2]), ln.callbacks.CSVLogger(path)])
+    assert [r["epoch"] for r in second.history] == [1, 2, 3, 4, 5]
+    header, rows = _rows(path)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4, 5]
+    assert float(rows[0]["train_loss"]) == first.history[0]["train_loss"]
+    assert float(rows[2]["train_loss"]) == second.history[2]["train_loss"]
+    assert float(rows[2]["train_loss"]) != first.history[2]["train_loss"]
+
+
+def test_resume_without_the_file_writes_the_restored_history_first(tmp_path):
+    path = tmp_path / "fresh.csv"
+    first = _setup().fit(_data(), epochs=2, verbose=False)
+    _setup().fit(_data(), epochs=3, verbose=False, callbacks=[FakeResume(first.history), ln.callbacks.CSVLogger(path)])
+    _, rows = _rows(path)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert float(rows[1]["train_loss"]) == first.history[1]["train_loss"]
+
+
+def test_only_the_main_process_writes(tmp_path):
+    class NotMain(ln.Callback):
+        order = -500
+
+        def on_fit_begin(self, ctx):
+            ctx.is_main = False
+
+    _setup().fit(_data(), epochs=1, verbose=False, callbacks=[NotMain(), ln.callbacks.CSVLogger(tmp_path / "h.csv")])
+    assert not (tmp_path / "h.csv").exists()
+
+
+def test_bad_path(tmp_path):
+    with pytest.raises(ln.LanternaError, match="is a folder"):
+        ln.callbacks.CSVLogger(tmp_path)
+    with pytest.raises(ln.LanternaError, match="give a file path"):
+        ln.callbacks.CSVLogger(3)

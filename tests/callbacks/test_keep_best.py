@@ -1,0 +1,81 @@
+"""KeepBestModel: the fitted model is the best epoch's, not the last one's."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import lanterna as ln
+
+
+class Sabotage(ln.Callback):
+    """Ruins the weights during the epochs from ``start`` on, so the best epoch is an earlier one."""
+
+    def __init__(self, start: int) -> None:
+        self.start = start
+
+    def on_train_batch_end(self, ctx):
+        if ctx.epoch >= self.start:
+            with torch.no_grad():
+                for p in ctx.model.parameters():
+                    p.add_(0.5)
+
+
+class Snapshots(ln.Callback):
+    def __init__(self) -> None:
+        self.states = {}
+
+    def on_epoch_end(self, ctx):
+        self.states[ctx.epoch] = copy.deepcopy(ctx.model.state_dict())
+
+
+def test_restores_the_best_epochs_weights(luz_setup, luz_split):
+    train_dl, valid_dl, test_dl = luz_split
+    snaps = Snapshots()
+    cb = ln.callbacks.KeepBestModel()
+    fitted = luz_setup.set_opt_hparams(lr=0.05).fit(train_dl, epochs=7, valid_data=valid_dl, seed=0,
+                                                    callbacks=[cb, snaps, Sabotage(start=5)], verbose=False)
+    valid = [r["valid_loss"] for r in fitted.history]
+    best = min(range(7), key=lambda i: valid[i]) + 1
+    assert best < 5 and cb.best_epoch == best and cb.best == valid[best - 1]
+    state = fitted.model.state_dict()
+    assert all(torch.equal(state[k], snaps.states[best][k]) for k in state)
+    assert not torch.equal(state["net.0.weight"], snaps.states[7]["net.0.weight"])
+    assert len(fitted.history) == 7  # history is untouched
+    # the restored model really is the best one: it reproduces the best epoch's validation loss
+    assert fitted.evaluate(valid_dl)["loss"] == pytest.approx(valid[best - 1], rel=1e-5)
+    assert fitted.model.training is False
+
+
+def test_max_mode_and_restores_after_early_stopping(clf_setup, clf_data):
+    x, y = clf_data
+    snaps = Snapshots()
+    cb = ln.callbacks.KeepBestModel(monitor="valid_acc", min_delta=0.001)
+    fitted = clf_setup.fit((x[:200], y[:200]), epochs=30, valid_data=(x[200:], y[200:]), seed=0, verbose=False,
+                           callbacks=[cb, snaps, Sabotage(start=4),
+                                      ln.callbacks.EarlyStopping("valid_acc", patience=3)])
+    acc = [r["valid_acc"] for r in fitted.history]
+    assert cb.monitor.mode == "max" and cb.best == max(acc[:cb.best_epoch])
+    assert cb.best_epoch < len(acc) < 30 and acc[-1] < cb.best
+    state = fitted.model.state_dict()
+    assert all(torch.equal(state[k], snaps.states[cb.best_epoch][k]) for k in state)
+
+
+def test_state_dict_is_weights_only_loadable(tmp_path, luz_setup, luz_split):
+    train_dl, valid_dl, _ = luz_split
+    cb = ln.callbacks.KeepBestModel()
+    luz_setup.fit(train_dl, epochs=2, valid_data=valid_dl, callbacks=[cb], verbose=False)
+    torch.save(cb.state_dict(), tmp_path / "kb.pt")
+    other = ln.callbacks.KeepBestModel()
+    other.load_state_dict(torch.load(tmp_path / "kb.pt", weights_only=True))
+    assert other.best == cb.best and other.best_epoch == cb.best_epoch
+    assert all(torch.equal(other.best_state[k], v) for k, v in cb.best_state.items())
+
+
+def test_unknown_monitor_and_bad_mode(luz_setup, luz_data):
+    with pytest.raises(ln.MonitorError, match="Unknown monitor 'valid_acc'"):
+        luz_setup.fit(luz_data, valid_data=0.2, callbacks=[ln.callbacks.KeepBestModel("valid_acc")], verbose=False)
+    with pytest.raises(ln.MonitorError, match="mode='up' is not one of 'min', 'max', 'auto'"):
+        ln.callbacks.KeepBestModel(mode="up")

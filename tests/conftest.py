@@ -1,0 +1,111 @@
+"""Shared fixtures: the luz chapter's toy regression (seed 000), its Net, and small classification data.
+
+Fixtures return fresh tensors each time, so a test may modify them freely.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset, TensorDataset
+
+# The tiny models of the suite run many times faster on one thread, and the suite shares two cores.
+torch.set_num_threads(1)
+
+LUZ_COEFS = (0.2, -1.3, -0.5)
+
+
+class Net(nn.Module):
+    """The model of seed 000: d_in → d_hidden → ReLU → d_out."""
+
+    def __init__(self, d_in: int = 3, d_hidden: int = 32, d_out: int = 1) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d_in, d_hidden), nn.ReLU(), nn.Linear(d_hidden, d_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class MLPClassifier(nn.Module):
+    """A small classifier: d_in → d_hidden → ReLU → n_classes scores."""
+
+    def __init__(self, d_in: int = 4, d_hidden: int = 16, n_classes: int = 3) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d_in, d_hidden), nn.ReLU(), nn.Linear(d_hidden, n_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def make_luz_data(n: int = 1000, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x = randn(n, 3)``, ``y = x @ [0.2, -1.3, -0.5] + randn(n)`` as (n, 1): noise variance 1."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, generator=g)
+    y = (x @ torch.tensor(LUZ_COEFS)).unsqueeze(1) + torch.randn(n, 1, generator=g)
+    return x, y
+
+
+def make_blobs(n: int = 300, n_classes: int = 3, d: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Well-separated Gaussian blobs: x (n, d) float32, y (n,) int64 class indices."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % n_classes
+    centers = torch.randn(n_classes, d, generator=g) * 4
+    x = centers[y] + torch.randn(n, d, generator=g)
+    perm = torch.randperm(n, generator=g)
+    return x[perm], y[perm]
+
+
+@pytest.fixture
+def net_cls() -> type[Net]:
+    """The Net class of seed 000 (instantiated by lanterna with set_hparams)."""
+    return Net
+
+
+@pytest.fixture
+def luz_data() -> tuple[torch.Tensor, torch.Tensor]:
+    """The chapter's 1000 observations: x (1000, 3), y (1000, 1)."""
+    return make_luz_data()
+
+
+@pytest.fixture
+def luz_split(luz_data):
+    """The chapter's 600/200/200 train/valid/test split as DataLoaders (batch_size=100, train shuffled)."""
+    x, y = luz_data
+    ds = TensorDataset(x, y)
+    perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(1)).tolist()
+    train_ds, valid_ds, test_ds = Subset(ds, perm[:600]), Subset(ds, perm[600:800]), Subset(ds, perm[800:])
+    return (
+        DataLoader(train_ds, batch_size=100, shuffle=True),
+        DataLoader(valid_ds, batch_size=100),
+        DataLoader(test_ds, batch_size=100),
+    )
+
+
+@pytest.fixture
+def luz_setup():
+    """``ln.setup(Net, loss=MSELoss(), optimizer=Adam, metrics=[MAE()])`` with the chapter's hparams."""
+    import lanterna as ln
+
+    return (
+        ln.setup(Net, loss=nn.MSELoss(), optimizer=torch.optim.Adam, metrics=[ln.metrics.MAE()])
+        .set_hparams(d_in=3, d_hidden=32, d_out=1)
+    )
+
+
+@pytest.fixture
+def clf_data() -> tuple[torch.Tensor, torch.Tensor]:
+    """Three separable classes: x (300, 4) float32, y (300,) int64."""
+    return make_blobs()
+
+
+@pytest.fixture
+def clf_setup():
+    """A 3-class classifier setup with CrossEntropy and accuracy."""
+    import lanterna as ln
+
+    return (
+        ln.setup(MLPClassifier, loss=nn.CrossEntropyLoss(), metrics=[ln.metrics.Accuracy()])
+        .set_hparams(d_in=4, d_hidden=16, n_classes=3)
+        .set_opt_hparams(lr=0.01)
+    )

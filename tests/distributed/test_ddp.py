@@ -1,0 +1,92 @@
+"""DDP on CPU (gloo) with real torchrun processes (issue 7)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lanterna as ln
+
+HERE = Path(__file__).parent
+WORKER = HERE / "ddp_worker.py"
+sys.path.insert(0, str(HERE))
+from ddp_worker import N_TRAIN, N_VALID, Net, toy_data  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+def torchrun(nproc: int, *args: str, timeout: float = 240, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *extra,
+           str(WORKER), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "EPOCHS": "12"})
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ddp_fit_exact_metrics_shards_and_single_output(world: int, tmp_path: Path) -> None:
+    proc = torchrun(world, "fit", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    # only rank 0 prints: one set of console lines
+    assert proc.stdout.count("Epoch 1/12") == 1
+    assert proc.stdout.count("Valid metrics:") == 12
+
+    results = [json.loads((tmp_path / f"result_{r}.json").read_text()) for r in range(world)]
+    history = results[0]["history"]
+    def metrics_of(h: list[dict]) -> list[dict]:
+        return [{k: v for k, v in rec.items() if k.startswith(("train_", "valid_"))} for rec in h]
+
+    assert all(metrics_of(r["history"]) == metrics_of(history) for r in results)  # global values on every rank
+    assert history[-1]["train_loss"] < 1.15  # the noise floor (noise variance 1)
+
+    # validation equals a single-process evaluation of the same weights: every sample counted once
+    model = Net()
+    model.load_state_dict(load_file(str(tmp_path / "weights.safetensors")))
+    x, y = toy_data()
+    xv, yv = x[N_TRAIN:], y[N_TRAIN:]
+    single = ln.Fitted(model, None, [], loss_fn=torch.nn.MSELoss(), metrics=[ln.metrics.MAE()]).evaluate((xv, yv))
+    with torch.no_grad():
+        pred = model(xv)
+    assert abs(history[-1]["valid_loss"] - single.metrics["loss"]) < 1e-6
+    assert abs(history[-1]["valid_mae"] - single.metrics["mae"]) < 1e-6
+    assert abs(history[-1]["valid_loss"] - torch.nn.functional.mse_loss(pred, yv).item()) < 1e-6
+    for r in results:  # evaluate and predict after fit: sharded, gathered in dataset order
+        assert abs(r["evaluate"]["loss"] - single.metrics["loss"]) < 1e-6
+        assert r["pred_shape"] == [N_VALID, 1]
+    preds = load_file(str(tmp_path / "preds_0.safetensors"))["preds"]
+    torch.testing.assert_close(preds, pred, rtol=1e-6, atol=1e-6)
+
+    shards = [json.loads((tmp_path / f"shards_{r}.json").read_text()) for r in range(world)]
+    previous = None
+    for epoch in range(1, 13):
+        train_parts = [s[f"train_{epoch}"] for s in shards]
+        seen = sorted(i for part in train_parts for i in part)
+        assert seen == list(range(N_TRAIN)), "each training sample exactly once per epoch"
+        assert previous is None or train_parts[0] != previous, "shards are reshuffled every epoch"
+        previous = train_parts[0]
+        valid_seen = sorted(i for s in shards for i in s[f"valid_{epoch}"])
+        assert valid_seen == list(range(N_TRAIN, N_TRAIN + N_VALID)), "no padding duplicates in validation"
+
+
+def test_ddp_matches_single_process_with_same_global_batch(tmp_path: Path) -> None:
+    proc = torchrun(2, "parity", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    single = subprocess.run([sys.executable, str(WORKER), "parity", str(tmp_path)], capture_output=True,
+                            text=True, timeout=120)
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp_w = load_file(str(tmp_path / "weights_world2.safetensors"))
+    one_w = load_file(str(tmp_path / "weights_world1.safetensors"))
+    for k in one_w:
+        torch.testing.assert_close(ddp_w[k], one_w[k], rtol=1e-5, atol=1e-6)
+
+
+def test_a_rank_that_raises_fails_the_job_without_hanging(tmp_path: Path) -> None:
+    proc = torchrun(2, "raise", str(tmp_path), timeout=120)
+    assert proc.returncode != 0
+    assert "boom from rank 1" in proc.stdout + proc.stderr

@@ -1,0 +1,161 @@
+"""Every ``ln.metrics`` class against a reference (scikit-learn, torchmetrics functional), updated in uneven
+chunks so that exactness over the epoch is what is tested."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torchmetrics
+from sklearn.metrics import accuracy_score, mean_absolute_error, mean_squared_error, roc_auc_score
+from torchmetrics.functional.classification import binary_auroc, multiclass_accuracy, multiclass_auroc
+
+import lanterna as ln
+
+CHUNKS = (7, 7, 7, 3, 1)  # 25 samples, uneven batches
+
+
+def feed(metric, pred, target, chunks=CHUNKS):
+    metric.reset()
+    start = 0
+    for n in chunks:
+        metric.update(pred[start : start + n], target[start : start + n])
+        start += n
+    assert start == len(pred)
+    return metric.compute()
+
+
+@pytest.fixture
+def regression():
+    g = torch.Generator().manual_seed(0)
+    pred = torch.randn(25, 1, generator=g) * 3
+    target = pred + torch.randn(25, 1, generator=g)
+    return pred, target
+
+
+@pytest.fixture
+def multiclass():
+    g = torch.Generator().manual_seed(1)
+    scores = torch.randn(25, 4, generator=g)
+    target = torch.randint(0, 4, (25,), generator=g)
+    target[:4] = torch.arange(4)  # every class present
+    return scores, target
+
+
+@pytest.fixture
+def binary():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(25, generator=g) * 2
+    target = (torch.rand(25, generator=g) < torch.sigmoid(logits)).long()
+    target[:2] = torch.tensor([0, 1])
+    return logits, target
+
+
+def test_regression_metrics_match_sklearn(regression):
+    pred, target = regression
+    p, t = pred.double().numpy().ravel(), target.double().numpy().ravel()
+    assert float(feed(ln.metrics.MAE(), pred, target)) == pytest.approx(mean_absolute_error(t, p), rel=1e-6)
+    assert float(feed(ln.metrics.MSE(), pred, target)) == pytest.approx(mean_squared_error(t, p), rel=1e-6)
+    rmse = float(feed(ln.metrics.RMSE(), pred, target))
+    assert rmse == pytest.approx(np.sqrt(mean_squared_error(t, p)), rel=1e-6)
+
+
+def test_rmse_is_over_all_samples_not_a_mean_of_batch_rmses(regression):
+    pred, target = regression
+    exact = float(((pred - target) ** 2).mean().sqrt())
+    batch_mean = np.mean([float(((pred[i : i + 7] - target[i : i + 7]) ** 2).mean().sqrt()) for i in range(0, 25, 7)])
+    got = float(feed(ln.metrics.RMSE(), pred, target))
+    assert got == pytest.approx(exact, rel=1e-6)
+    assert abs(got - batch_mean) > 1e-3
+
+
+def test_regression_metrics_accept_n_1_predictions_for_n_targets(regression):
+    pred, target = regression
+    assert float(feed(ln.metrics.MAE(), pred, target.squeeze(1))) == pytest.approx(
+        float((pred - target).abs().mean()), rel=1e-6)
+
+
+def test_mismatched_shapes_raise_a_clear_error():
+    with pytest.raises(ValueError, match=r"MAE: predictions of shape \(4, 2\) and targets of shape \(4,\)"):
+        ln.metrics.MAE().update(torch.zeros(4, 2), torch.zeros(4))
+
+
+def test_accuracy_matches_sklearn_and_torchmetrics(multiclass):
+    scores, target = multiclass
+    got = float(feed(ln.metrics.Accuracy(), scores, target))
+    assert got == pytest.approx(accuracy_score(target.numpy(), scores.argmax(1).numpy()), abs=1e-7)
+    ref = multiclass_accuracy(scores, target, num_classes=4, average="micro")
+    assert got == pytest.approx(float(ref), abs=1e-7)
+    # class predictions instead of scores
+    assert float(feed(ln.metrics.Accuracy(), scores.argmax(1), target)) == pytest.approx(got, abs=1e-7)
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.3])
+@pytest.mark.parametrize("float_target", [False, True])
+def test_binary_accuracy_matches_sklearn(binary, threshold, float_target):
+    logits, target = binary
+    probs = torch.sigmoid(logits)
+    t = target.float() if float_target else target
+    expected = accuracy_score(target.numpy(), (probs > threshold).long().numpy())
+    got = float(feed(ln.metrics.BinaryAccuracy(threshold=threshold), probs, t))
+    assert got == pytest.approx(expected, abs=1e-7)
+    got_logits = float(feed(ln.metrics.BinaryAccuracyWithLogits(threshold=threshold), logits, t))
+    assert got_logits == pytest.approx(expected, abs=1e-7)
+    # (N, 1) outputs against (N,) targets, as a model with one output unit gives
+    assert float(feed(ln.metrics.BinaryAccuracy(threshold=threshold), probs.unsqueeze(1), t)) == pytest.approx(
+        expected, abs=1e-7)
+
+
+@pytest.mark.parametrize("float_target", [False, True])
+def test_binary_auroc_matches_sklearn(binary, float_target):
+    logits, target = binary
+    t = target.float() if float_target else target
+    expected = roc_auc_score(target.numpy(), logits.numpy())
+    assert float(feed(ln.metrics.BinaryAUROC(), torch.sigmoid(logits), t)) == pytest.approx(expected, rel=1e-6)
+    assert float(feed(ln.metrics.BinaryAUROC(from_logits=True), logits, t)) == pytest.approx(expected, rel=1e-6)
+    assert float(binary_auroc(torch.sigmoid(logits), target)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_multiclass_auroc_matches_sklearn_one_vs_rest(multiclass):
+    scores, target = multiclass
+    probs = torch.softmax(scores, dim=1)
+    per_class = [roc_auc_score((target == c).numpy(), probs[:, c].numpy()) for c in range(4)]
+    got = float(feed(ln.metrics.MulticlassAUROC(num_classes=4), probs, target))
+    assert got == pytest.approx(np.mean(per_class), rel=1e-6)
+    assert got == pytest.approx(roc_auc_score(target.numpy(), probs.numpy(), multi_class="ovr"), rel=1e-6)
+    none = feed(ln.metrics.MulticlassAUROC(num_classes=4, average=None), probs, target)
+    assert none.tolist() == pytest.approx(per_class, rel=1e-6)
+    ref = multiclass_auroc(probs, target, num_classes=4, average="macro", thresholds=None)
+    assert got == pytest.approx(float(ref), rel=1e-6)
+    with pytest.raises(ValueError, match=r"num_classes=4\) needs scores of shape \(N, 4\)"):
+        ln.metrics.MulticlassAUROC(num_classes=4).update(probs[:, :3], target)
+
+
+def test_metrics_reset_and_are_torchmetrics_metrics(regression):
+    pred, target = regression
+    m = ln.metrics.MAE()
+    assert isinstance(m, torchmetrics.Metric)
+    first = float(feed(m, pred, target))
+    m.reset()
+    m.update(pred[:1], target[:1])
+    assert float(m.compute()) == pytest.approx(float((pred[0] - target[0]).abs()), rel=1e-6)
+    assert float(feed(m, pred, target)) == first
+
+
+@pytest.mark.parametrize(
+    "metric, key, display, higher",
+    [
+        (ln.metrics.MAE(), "mae", "MAE", False),
+        (ln.metrics.MSE(), "mse", "MSE", False),
+        (ln.metrics.RMSE(), "rmse", "RMSE", False),
+        (ln.metrics.Accuracy(), "acc", "Acc", True),
+        (ln.metrics.BinaryAccuracy(), "acc", "Acc", True),
+        (ln.metrics.BinaryAccuracyWithLogits(), "acc", "Acc", True),
+        (ln.metrics.BinaryAUROC(), "auroc", "AUC", True),
+        (ln.metrics.MulticlassAUROC(3), "auroc", "AUC", True),
+    ],
+)
+def test_history_keys_are_lowercase_and_display_names_follow_luz(metric, key, display, higher):
+    assert ln.metrics.metric_key(metric) == key
+    assert ln.metrics.metric_display(metric, key) == display
+    assert metric.higher_is_better is higher

@@ -1,0 +1,132 @@
+"""A training process for the crash tests: ``python crash_worker.py DATA MODE WORKDIR``.
+
+DATA: ``memory`` (tensors, valid_data=0.2 with seed=) or ``loader`` (a shuffled DataLoader with 2 workers
+over a map-style dataset whose samples draw random noise). MODE: ``ref`` (no AutoResume) or ``resume``.
+It appends ``START <start_epoch>`` and ``END <epoch>`` (after AutoResume saved the epoch) to
+WORKDIR/progress.txt and, when fit completes, writes the weights and history to WORKDIR/result.pt.
+``KILL_WINDOW=replace:N`` / ``rotate:N`` parks the N-th checkpoint save just before its rename / just
+before old files are rotated away, after writing WORKDIR/in_window, so the parent can SIGKILL it there.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+import lanterna as ln
+
+torch.set_num_threads(1)
+DATA, MODE, WORK = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+EPOCHS = 12
+DELAY = 0.015  # seconds per forward: epochs (~0.2 s) long enough to be killed inside, no CPU burnt
+
+
+class Canary(nn.Module):
+    """Counts forward calls and folds every batch into an order-sensitive trace; both are buffers, so they
+    are checkpointed: a batch repeated or skipped after a resume changes them."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 1))
+        self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("trace", torch.zeros((), dtype=torch.float64))
+
+    def forward(self, x):
+        self.calls += 1
+        self.trace.mul_(1.0001).add_(x.double().sum())
+        time.sleep(DELAY)
+        return self.net(x)
+
+
+class Noisy(Dataset):
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i] + 0.01 * torch.randn(3), self.y[i]
+
+
+class Progress(ln.Callback):
+    order = 5000  # after AutoResume: END e is written once epoch e's checkpoint is durable
+
+    def _write(self, line):
+        with open(WORK / "progress.txt", "a") as f:
+            f.write(line + "\n")
+
+    def on_fit_begin(self, ctx):
+        self._write(f"START {ctx.start_epoch}")
+
+    def on_epoch_end(self, ctx):
+        self._write(f"END {ctx.epoch}")
+
+
+def _park_in_window():
+    spec = os.environ.get("KILL_WINDOW")
+    if not spec:
+        return
+    where, n = spec.split(":")
+    calls = {"n": 0}
+
+    def park():
+        calls["n"] += 1
+        if calls["n"] == int(n):
+            (WORK / "in_window").write_text(where)
+            time.sleep(60)
+
+    if where == "replace":
+        from lanterna.io import atomic
+
+        real_replace = atomic.os.replace
+
+        class OsProxy:
+            def __getattr__(self, name):
+                return getattr(os, name)
+
+            @staticmethod
+            def replace(a, b):
+                park()
+                return real_replace(a, b)
+
+        atomic.os = OsProxy()
+    else:
+        from lanterna.callbacks.checkpoint import AutoResume
+
+        real_rotate = AutoResume._rotate
+
+        def rotate(self):
+            park()
+            return real_rotate(self)
+
+        AutoResume._rotate = rotate
+
+
+def main():
+    _park_in_window()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(320, 3, generator=g)
+    y = x @ torch.tensor([[0.2], [-1.3], [-0.5]]) + torch.randn(320, 1, generator=g)
+    if DATA == "memory":
+        data = {"data": (x, y), "valid_data": 0.2, "dataloader_options": {"batch_size": 32}}
+    else:
+        data = {"data": DataLoader(Noisy(x[:256], y[:256]), batch_size=32, shuffle=True, num_workers=2),
+                "valid_data": DataLoader(Noisy(x[256:], y[256:]), batch_size=32)}
+    callbacks = [Progress(), ln.callbacks.LRScheduler(torch.optim.lr_scheduler.StepLR, step_size=3, gamma=0.7)]
+    if MODE == "resume":
+        callbacks.append(ln.callbacks.AutoResume(WORK / "state"))
+    fitted = ln.setup(Canary, loss=nn.MSELoss(), metrics=[ln.metrics.MAE()]).set_opt_hparams(lr=0.01).fit(
+        epochs=EPOCHS, seed=7, verbose=False, callbacks=callbacks, **data)
+    history = [{k: v for k, v in r.items() if k not in ("epoch_time", "samples_per_s")} for r in fitted.history]
+    torch.save({"state": fitted.model.state_dict(), "history": history}, WORK / "result.pt")
+
+
+if __name__ == "__main__":
+    main()
