@@ -229,7 +229,8 @@ def targets(summary: dict[str, dict[str, Any]]) -> list[str]:
     for w, limit in TARGETS.items():
         r = get(w, "lanterna", "ratio")
         if r is not None:
-            lines.append(f"| {w} lanterna time ÷ ideal | ≤ {limit:.2f}× | {r:.3f}× | {'met' if r <= limit else 'MISSED'} |")
+            verdict = "met" if r <= limit else "MISSED"
+            lines.append(f"| {w} lanterna time ÷ ideal | ≤ {limit:.2f}× | {r:.3f}× | {verdict} |")
     ov = get("W0", "lanterna", "overhead_us")
     if ov is not None:
         lines.append(f"| W0 per-step overhead over the ideal loop | ≤ {W0_OVERHEAD_US:.0f} µs | {ov:.1f} µs | "
@@ -259,12 +260,14 @@ def markdown(summary: dict[str, dict[str, Any]], info: dict[str, Any], args: arg
             f"- torch {v['torch']} (CPU build), {args.threads} intra-op thread(s) per run "
             f"(`torch.set_num_threads({args.threads})`, OMP/MKL threads {args.threads})",
             "- " + ", ".join(f"{k} {val}" for k, val in v.items() if k != "torch"),
-            f"- bf16 in hardware: {'yes' if info['bf16_native'] else 'no (no AVX512-BF16/AMX, no GPU): bf16-mixed is not benchmarked here'}"]
+            "- bf16 in hardware: " + ("yes" if info["bf16_native"]
+                                      else "no (no AVX512-BF16/AMX, no GPU): bf16-mixed is not benchmarked here")]
     if loads:
+        busy = statistics.median(loads) > 0.5 * info["logical_cpus"]
         out.append(f"- Load during the run (1-min load average, {len(loads)} samples): median "
                    f"{statistics.median(loads):.2f}, max {max(loads):.2f} on {info['logical_cpus']} CPUs"
                    + (" — the machine was shared, so absolute times are noisy; the ratios, taken within each "
-                      "interleaved round, are the figures to read." if statistics.median(loads) > 0.5 * info["logical_cpus"] else ""))
+                      "interleaved round, are the figures to read." if busy else ""))
     out += ["", "## Method", "",
             f"- {args.reps} interleaved rounds: every contender runs once per round in its own fresh process, the "
             "order rotated each round. Time = building the model/optimizer/framework objects + training + "

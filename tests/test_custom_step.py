@@ -425,8 +425,10 @@ def test_accumulation_composes_with_clipping_and_mixed_precision(precision):
         callbacks=[ln.callbacks.GradientAccumulation(4), clip, counter, updates])
     assert counter.before == counter.after == 6 * 4
     assert fitted.history[-1]["train_loss"] < 0.5 * fitted.history[0]["train_loss"]
-    # clipping acts on the accumulated (and, under 16-mixed, unscaled) gradient, once per step
-    assert len(counter.grad_norms) == 24 and max(counter.grad_norms) <= 0.5 + 1e-6
+    # clipping acts on the accumulated (and, under 16-mixed, unscaled) gradient, once per step; the scaler
+    # skips the first steps whose float16 gradients overflowed (inf/nan) and lowers its scale
+    finite = [v for v in counter.grad_norms if v == v and v != float("inf")]
+    assert len(counter.grad_norms) == 24 and len(finite) >= 20 and max(finite) <= 0.5 + 1e-6
     assert updates.updates == (24 if precision == "16-mixed" else 0)  # one scaler update per real step
 
 

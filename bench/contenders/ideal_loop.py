@@ -54,7 +54,7 @@ def run(w: Workload, data: Any, variant: str) -> dict[str, float]:
     loss_fn = w.loss_fn()
     if w.dataset:
         train_ds, valid_ds = data
-        workers = max(1, min(4, (os.cpu_count() or 2) - 1))
+        workers = min(8, len(os.sched_getaffinity(0)))  # one per CPU, as tuned on this kind of machine
         train = DataLoader(train_ds, batch_size=w.batch_size, shuffle=True, num_workers=workers)
         valid = DataLoader(valid_ds, batch_size=w.batch_size, num_workers=workers)
         n_train, n_valid = len(train_ds), len(valid_ds)

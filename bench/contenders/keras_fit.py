@@ -10,10 +10,9 @@ from typing import Any
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
 import keras  # noqa: E402
+from keras import layers  # noqa: E402
 from torch import nn  # noqa: E402
 from workloads import MODEL_SEED, Workload, seeded_model  # noqa: E402
-
-from keras import layers  # noqa: E402
 
 
 def _layers(kind: str) -> list[Any]:

@@ -22,9 +22,10 @@ def run(w: Workload, data: Any, variant: str) -> dict[str, float]:
         logs = model.fit(xt, yt, validation_data=(xv, yv) if w.validate else None, epochs=w.epochs,
                          batch_size=w.batch_size, verbose=False)
     last = logs[-1]
+    key = {"l1": "l1", "accuracy": "acc"}[metric]
     out = {"train_loss": last["loss"]}
     if w.validate:
-        out.update(train_metric=last[metric], valid_loss=last["val_loss"], valid_metric=last["val_" + metric])
+        out.update(train_metric=last[key], valid_loss=last["val_loss"], valid_metric=last["val_" + key])
     if w.metric == "acc" and w.validate:  # poutyne reports accuracy in percent
         out["train_metric"] /= 100
         out["valid_metric"] /= 100

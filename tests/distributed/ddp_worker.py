@@ -1,12 +1,13 @@
 """A user script run unchanged with `python` or `torchrun` (tests/distributed/test_ddp.py starts it).
 
-Usage: ddp_worker.py MODE OUT_DIR   (MODE: fit | parity | raise)
+Usage: ddp_worker.py MODE OUT_DIR   (MODE: fit | parity | resume | uninterrupted | raise)
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -52,6 +53,18 @@ class RecordShards(ln.Callback):
         self.seen.setdefault(f"valid_{ctx.epoch}", []).extend(ctx.input[:, 3].long().tolist())
 
 
+class KillRank1Once(ln.Callback):
+    """SIGKILL rank 1 at the start of epoch 4 of the first attempt (epoch 3's checkpoint is on disk)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def on_epoch_begin(self, ctx: ln.Context) -> None:
+        if ctx.epoch == 4 and ctx.rank == 1 and not self.marker.exists():
+            self.marker.write_text("killed")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 class RaiseOnRank1(ln.Callback):
     def on_epoch_begin(self, ctx: ln.Context) -> None:
         if ctx.epoch == 2 and ctx.rank == 1:
@@ -87,6 +100,18 @@ def main() -> None:
         )
         if rank == 0:
             save_file(dict(fitted.model.state_dict()), str(out / f"weights_world{world}.safetensors"))
+    elif mode in ("resume", "uninterrupted"):
+        callbacks: list[ln.Callback] = [ln.callbacks.AutoResume(out / "resume")] if mode == "resume" else []
+        if mode == "resume":
+            callbacks.append(KillRank1Once(out / "killed"))
+        fitted = setup.set_opt_hparams(lr=0.01).fit(
+            train, valid_data=valid, epochs=6, seed=1, callbacks=callbacks, verbose=False,
+            dataloader_options={"batch_size": 50},
+        )
+        if rank == 0:
+            save_file(dict(fitted.model.state_dict()), str(out / f"weights_{mode}.safetensors"))
+            (out / f"history_{mode}.json").write_text(json.dumps(
+                [{k: v for k, v in r.items() if k.startswith(("train_", "valid_"))} for r in fitted.history]))
     elif mode == "raise":
         setup.fit(train, epochs=3, seed=1, callbacks=[RaiseOnRank1()], verbose=False)
     else:

@@ -86,6 +86,20 @@ def test_ddp_matches_single_process_with_same_global_batch(tmp_path: Path) -> No
         torch.testing.assert_close(ddp_w[k], one_w[k], rtol=1e-5, atol=1e-6)
 
 
+def test_killed_worker_restarted_by_torchrun_resumes_to_the_same_weights(tmp_path: Path) -> None:
+    killed = torchrun(2, "resume", str(tmp_path), extra=("--max-restarts=1",))
+    assert killed.returncode == 0, killed.stdout[-3000:] + killed.stderr[-3000:]
+    assert (tmp_path / "killed").exists(), "the worker was not killed: the test proves nothing"
+    plain = torchrun(2, "uninterrupted", str(tmp_path))
+    assert plain.returncode == 0, plain.stdout[-3000:] + plain.stderr[-3000:]
+    resumed_w = load_file(str(tmp_path / "weights_resume.safetensors"))
+    plain_w = load_file(str(tmp_path / "weights_uninterrupted.safetensors"))
+    for k in plain_w:
+        assert torch.equal(resumed_w[k], plain_w[k]), k
+    assert json.loads((tmp_path / "history_resume.json").read_text()) == json.loads(
+        (tmp_path / "history_uninterrupted.json").read_text())
+
+
 def test_a_rank_that_raises_fails_the_job_without_hanging(tmp_path: Path) -> None:
     proc = torchrun(2, "raise", str(tmp_path), timeout=120)
     assert proc.returncode != 0

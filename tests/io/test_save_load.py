@@ -159,3 +159,28 @@ def test_load_a_model_checkpoint_file(tmp_path):
     loaded = ln.load(cb.last_path)
     assert torch.equal(loaded.predict(x), fitted.predict(x))
     assert loaded.history == fitted.history and loaded.hparams == {"d_in": 3, "d_hidden": 8, "d_out": 1}
+
+
+def test_load_a_damaged_checkpoint_file_is_a_typed_error(tmp_path):
+    x, y = make_luz_data(100)
+    cb = ln.callbacks.ModelCheckpoint(tmp_path / "last.pt", monitor="train_loss")
+    ln.setup(Net, loss=nn.MSELoss()).set_hparams(d_in=3, d_hidden=8, d_out=1).fit(
+        (x, y), epochs=1, verbose=False, callbacks=[cb])
+    data = bytearray(cb.last_path.read_bytes())
+    weight = torch.load(cb.last_path, weights_only=True)["model"]["net.0.weight"].numpy().tobytes()
+    data[bytes(data).find(weight[:16]) + 2] ^= 0x08
+    cb.last_path.write_bytes(bytes(data))
+    with pytest.raises(ln.DamagedCheckpointError, match="checksum"):
+        ln.load(cb.last_path)
+
+
+@pytest.mark.parametrize("target", ["os:system", "os.system"])
+def test_editing_the_saved_json_to_name_a_function_is_refused(fitted, tmp_path, target):
+    marker = tmp_path / "marker"
+    path = fitted.save(tmp_path / "model")
+    meta = json.loads((path / "lanterna.json").read_text())
+    meta.update(module=target, hparams={"command": f"touch {marker}"})
+    (path / "lanterna.json").write_text(json.dumps(meta))
+    with pytest.raises(ln.ArtifactError, match="Refused|not an import path"):
+        ln.load(path)
+    assert not marker.exists()

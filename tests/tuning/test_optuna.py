@@ -145,6 +145,17 @@ def test_objective_may_return_a_number_or_fit_arguments(tmp_path):
     assert all(t.value == t.user_attrs["history"][-1]["valid_loss"] for t in study.trials)
 
 
+def test_max_trials_caps_the_whole_study(tmp_path):
+    db = tmp_path / "cap.db"
+
+    def square(trial):
+        return trial.suggest_float("x", -1, 1) ** 2
+
+    assert len(ln.tune(square, max_trials=3, storage=db).trials) == 3
+    assert len(ln.tune(square, max_trials=3, storage=db).trials) == 3  # a late worker finds the study done
+    assert len(ln.tune(square, max_trials=5, n_trials=10, storage=db).trials) == 5
+
+
 def test_tune_argument_errors_name_the_fix(tmp_path):
     db = tmp_path / "err.db"
     with pytest.raises(ln.LanternaError, match="needs a limit"):
@@ -153,6 +164,8 @@ def test_tune_argument_errors_name_the_fix(tmp_path):
         ln.tune(clf_setup, n_trials=1, epoch=3, storage=db)
     with pytest.raises(ln.LanternaError, match="must return an ln.Setup"):
         ln.tune(lambda trial: "nope", blobs(30)[0], n_trials=1, storage=db)
+    with pytest.raises(ln.LanternaError, match=r"AutoResume.*folder per trial"):
+        ln.tune(clf_setup, n_trials=1, storage=db, callbacks=[ln.callbacks.AutoResume(tmp_path / "r")])
     with pytest.raises(ln.LanternaError, match="use 'best'"):
         ln.tune(clf_setup, n_trials=1, value="mean", storage=db)
 
@@ -164,6 +177,8 @@ def test_storage_is_wal_with_heartbeats(tmp_path):
     assert sqlite3.connect(db).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert st.get_heartbeat_interval() == 5
     assert ln.tuning.storage(db, heartbeat_interval=None).get_heartbeat_interval() is None
+    study = ln.tune(lambda trial: trial.suggest_float("x", 0, 1), n_trials=2, storage=":memory:")
+    assert len(study.trials) == 2 and not (tmp_path / ":memory:").exists()
 
 
 def test_missing_optuna_gives_an_install_hint(monkeypatch):

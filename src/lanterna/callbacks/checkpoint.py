@@ -39,6 +39,7 @@ from .monitor import Monitor, available_monitors
 
 __all__ = ["ModelCheckpoint", "AutoResume", "training_state", "restore_training_state", "data_generators"]
 
+_END = object()
 PREEMPTION_EXIT_CODE = 143  # 128 + SIGTERM: what schedulers (SLURM, Kubernetes) read as "terminated, requeue"
 
 
@@ -178,7 +179,8 @@ def _data_fingerprint(ctx: Context) -> dict[str, Any]:
         src = getattr(ctx, f"{name}_data", None)
         if src is None:
             continue
-        h = hashlib.sha256(f"{type(src).__name__}|{src.num_samples}".encode())
+        n = getattr(getattr(src, "sampler", None), "n", src.num_samples)  # a DDP shard counts its whole set
+        h = hashlib.sha256(f"{type(src).__name__}|{n}".encode())
         inner = getattr(src, "source", src)
         if isinstance(inner, TensorBatches):
             with torch.no_grad():
@@ -319,6 +321,7 @@ class ModelCheckpoint(Callback):
             self.monitor.best, self.best_path, self.last_path, self.saved = None, None, None, []
         if _is_main(ctx):
             _check_writable(folder if str(folder) else Path("."), "ModelCheckpoint")
+            sweep_temp_files(folder if str(folder) else Path("."))  # leftovers of a killed save
 
     def on_epoch_end(self, ctx: Context) -> None:
         value = self.monitor.value(ctx)
@@ -372,8 +375,12 @@ class _ResumedEpoch(BatchSource):
 
     def __iter__(self) -> Iterator[Any]:
         it = iter(self.source)
-        for _ in range(self.done):
-            next(it)
+        for i in range(self.done):
+            if next(it, _END) is _END:
+                raise CheckpointError(
+                    f"The checkpoint was taken after batch {self.done} of an epoch, but the training data now has "
+                    f"only {i} batches per epoch. Resume with the same data, or delete the resume folder."
+                )
         restore_rng_state(self.rng, self.generators)
         yield from it
 
@@ -411,7 +418,7 @@ class AutoResume(Callback):
 
     order = 1200
 
-    def __init__(self, path: str | os.PathLike[str] = "resume/", keep_last: int = 2,
+    def __init__(self, path: str | os.PathLike[str] = "checkpoints/resume/", keep_last: int = 2,
                  handle_sigterm: bool = True) -> None:
         if not isinstance(path, (str, os.PathLike)):
             raise LanternaError(f"AutoResume(path={path!r}): give a folder path (str or pathlib.Path).")
@@ -443,14 +450,14 @@ class AutoResume(Callback):
             _check_writable(self.path, "AutoResume")
             sweep_temp_files(self.path)
         self._fingerprint = _data_fingerprint(ctx)
-        found = self._latest(ctx, rename_damaged=main)
+        found = self._latest(rename_damaged=main)
         if found is not None:
             path, state = found
             self._resume(ctx, path, state)
         if self.handle_sigterm:
             self._install_sigterm()
 
-    def _latest(self, ctx: Context, rename_damaged: bool) -> tuple[Path, dict[str, Any]] | None:
+    def _latest(self, rename_damaged: bool) -> tuple[Path, dict[str, Any]] | None:
         damaged: list[tuple[Path, str]] = []
         candidates = scan_checkpoints(self.path, on_damaged=lambda p, e: damaged.append((p, str(e))),
                                       pattern="resume-*.pt")
@@ -488,6 +495,12 @@ class AutoResume(Callback):
         elif state.get("stop_training") and epoch >= ctx.min_epochs:
             ctx.start_epoch = max(epoch, ctx.max_epochs)  # it had stopped early; nothing is left to train
         self.resumed_from = path
+        if any(getattr(getattr(src, "loader", None), "persistent_workers", False)
+               for src in (ctx.train_data, ctx.valid_data)):
+            warnings.warn(
+                "AutoResume: a DataLoader with persistent_workers=True draws its workers' seeds once per "
+                "process, so the resumed run's shuffling and worker randomness differ from an uninterrupted "
+                "run's. Use persistent_workers=False for an exact resume.", stacklevel=2)
         saved_fp = state.get("data") or {}
         if saved_fp and saved_fp != self._fingerprint:
             warnings.warn(
@@ -573,7 +586,7 @@ class AutoResume(Callback):
         self._kept.sort(key=lambda k: (k[0], k[1]))
         old, self._kept = self._kept[: -self.keep_last], self._kept[-self.keep_last :]
         for _, _, p in old:  # the newest file is complete and durable before any older one goes
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):
                 p.unlink()
         if old:
             fsync_dir(self.path)

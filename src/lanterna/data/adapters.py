@@ -236,7 +236,7 @@ def _from_dataset(ds: Dataset, *, train: bool, options: dict[str, Any], what: st
     if opts.get("num_workers", 0) == 0:
         opts.pop("persistent_workers", None)
         opts.pop("prefetch_factor", None)
-    return LoaderBatches(DataLoader(ds, **opts))
+    return LoaderBatches(DataLoader(ds, **opts), build=(ds, opts, frozenset(options)))  # tuned at to_device
 
 
 # --------------------------------------------------------------------------- validation split

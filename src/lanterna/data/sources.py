@@ -7,16 +7,21 @@ the default sampler and collate. ``LoaderBatches`` wraps any other ``DataLoader`
 
 from __future__ import annotations
 
+import os
+import random
+import sys
+import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
-from .structure import move_to, unflatten
+from .structure import flatten, move_to, unflatten
 
-__all__ = ["BatchSource", "TensorBatches", "LoaderBatches"]
+__all__ = ["BatchSource", "TensorBatches", "LoaderBatches", "auto_num_workers"]
 
 
 class BatchSource:
@@ -139,11 +144,19 @@ class TensorBatches(BatchSource):
 
 
 class LoaderBatches(BatchSource):
-    """Any DataLoader; batches moved to the device (``non_blocking`` when the loader pins memory)."""
+    """Any DataLoader; batches moved to the device (``non_blocking`` when the loader pins memory).
 
-    def __init__(self, loader: DataLoader, device: torch.device | None = None) -> None:
+    ``build=(dataset, options, user_keys)`` marks a loader that lanterna built itself from a Dataset; at
+    :meth:`to_device` it is rebuilt with settings chosen for the device and the dataset, unless the user set
+    them in ``dataloader_options``: ``pin_memory=True`` on CUDA, and worker processes when reading a batch
+    costs the main process real time (see :func:`auto_num_workers`).
+    """
+
+    def __init__(self, loader: DataLoader, device: torch.device | None = None,
+                 build: tuple[Any, dict[str, Any], frozenset[str]] | None = None) -> None:
         self.loader = loader
         self.device = device
+        self.build = build
         try:
             self.num_samples = len(loader.dataset)  # type: ignore[arg-type]
         except TypeError:
@@ -163,13 +176,90 @@ class LoaderBatches(BatchSource):
 
     def to_device(self, device: torch.device) -> LoaderBatches:
         self.device = device
+        if self.build is not None:
+            dataset, options, user_keys = self.build
+            self.build = None  # tuned once
+            tuned = dict(options)
+            if device.type == "cuda" and "pin_memory" not in user_keys:
+                tuned["pin_memory"] = True
+            if "num_workers" not in user_keys:
+                workers = auto_num_workers(dataset, int(options.get("batch_size") or 1))
+                if workers:
+                    tuned.update(num_workers=workers, multiprocessing_context="fork")
+            if tuned != options:
+                self.loader = DataLoader(dataset, **tuned)
         return self
 
     def __iter__(self) -> Iterator[Any]:
         device = self.device
+        with warnings.catch_warnings():  # Python >= 3.12 warns on any fork of a threaded process
+            warnings.filterwarnings("ignore", message=r".*multi-threaded, use of fork\(\)", category=DeprecationWarning)
+            batches = iter(self.loader)
         if device is None or device.type == "cpu":
-            yield from self.loader
+            yield from batches
             return
         non_blocking = bool(self.loader.pin_memory)
-        for batch in self.loader:
+        for batch in batches:
             yield move_to(batch, device, non_blocking)
+
+
+#: below this estimated loading time per batch (ms), workers cost more (IPC, start-up) than they save
+WORKER_MIN_BATCH_MS = 1.0
+#: ... and below this estimated loading time per epoch (s), their start-up is not repaid
+WORKER_MIN_EPOCH_S = 0.2
+
+
+def auto_num_workers(dataset: Any, batch_size: int, *, max_workers: int = 8) -> int:
+    """Worker processes for a DataLoader that lanterna builds: 0 unless loading is costly.
+
+    A few samples are read and timed in this process (with the random generators' states restored, so
+    the probe changes no random stream); workers are used when a batch would take at least
+    ``WORKER_MIN_BATCH_MS`` ms and an epoch at least ``WORKER_MIN_EPOCH_S`` s to load: one per CPU, at
+    most ``max_workers``. Never for an IterableDataset (each worker would yield the whole stream), a
+    dataset that returns tensors on an accelerator, or where processes cannot be forked (only Linux
+    forks by default). Set ``dataloader_options={"num_workers": ...}`` to choose yourself.
+
+    >>> from torch.utils.data import TensorDataset
+    >>> auto_num_workers(TensorDataset(torch.zeros(100, 3)), 32)  # a tensor per sample: cheap
+    0
+    """
+    if not sys.platform.startswith("linux") or isinstance(dataset, IterableDataset):
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        n = len(dataset)
+    except TypeError:
+        return 0
+    if cpus < 2 or n < 2:
+        return 0
+    states = (random.getstate(), torch.get_rng_state(), _numpy_state())
+    try:
+        sample = dataset[0]  # the first read may open files or fill caches: not timed
+        if any(isinstance(t, Tensor) and t.device.type != "cpu" for t in flatten(sample)[0]):
+            return 0
+        times: list[float] = []
+        t_end = time.perf_counter() + 0.05
+        for i in range(1, min(n, 9)):
+            t0 = time.perf_counter()
+            dataset[i]
+            times.append(time.perf_counter() - t0)
+            if t0 > t_end:
+                break
+    except Exception:  # the real loop will raise it, with lanterna's explanation
+        return 0
+    finally:
+        random.setstate(states[0])
+        torch.set_rng_state(states[1])
+        if states[2] is not None:
+            import numpy as np
+
+            np.random.set_state(states[2])
+    per_sample = sorted(times)[len(times) // 2]
+    if per_sample * batch_size * 1e3 < WORKER_MIN_BATCH_MS or per_sample * n < WORKER_MIN_EPOCH_S:
+        return 0
+    return min(cpus, max_workers)
+
+
+def _numpy_state() -> Any:
+    np = sys.modules.get("numpy")
+    return np.random.get_state() if np is not None else None

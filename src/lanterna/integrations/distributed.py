@@ -204,7 +204,12 @@ def from_env(accelerator: Any, seed: int | None) -> Distributed | None:
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         timeout = datetime.timedelta(seconds=float(os.environ.get("LANTERNA_DIST_TIMEOUT", "1800")))
-        dist.init_process_group(backend=backend, timeout=timeout)
+        # torchrun keeps one store across restarts (--max-restarts): keys of the killed attempt would still
+        # be there, and a restarted rank could read a dead peer's address. Keep each attempt's keys apart.
+        store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend=backend, store=dist.PrefixStore(f"lanterna/attempt_{attempt}", store),
+                                rank=rank, world_size=world, timeout=timeout)
         atexit.register(_destroy)
     if seed is None:  # every rank must shuffle alike: take rank 0's seed
         t = torch.randint(0, 2**31 - 1, (1,), device=device) if rank == 0 else torch.zeros(1, dtype=torch.long,

@@ -1,6 +1,7 @@
 """Files: atomic writes, the checkpoint format, RNG capture and restore, safe model artifacts.
 
-Nothing here imports the rest of lanterna (except :mod:`lanterna.errors`), nor ever unpickles a file.
+Nothing here imports the rest of lanterna (except :mod:`lanterna.errors`; :mod:`lanterna.io.fitted`, behind
+``fitted.save`` / ``ln.load``, builds a ``Fitted`` inside its functions), nor ever unpickles a file.
 
 >>> from lanterna.io import save_checkpoint, load_checkpoint, capture_rng_state
 """

@@ -1,9 +1,9 @@
 """Safe model artifacts: weights as safetensors, metadata as JSON; never a pickle (API.md §7).
 
-An artifact is a folder ``<path>/model.safetensors`` + ``<path>/lanterna.json`` (the same JSON also sits in
-the safetensors header, which is what the loader reads), or a single ``<path>.safetensors`` file carrying
-the JSON in its header. Loading never unpickles: pickle and ``torch.save`` files are refused before
-anything is read from them, and a class named in the metadata is imported only to check that it is an
+An artifact is a folder ``<path>/model.safetensors`` + ``<path>/lanterna.json`` (the metadata; a copy also
+sits in the safetensors header and is used when the JSON file is missing), or a single
+``<path>.safetensors`` file carrying the JSON in its header. Loading never unpickles: pickle files are
+refused after their first bytes, and a class named in the metadata is imported only to check that it is an
 ``nn.Module`` subclass; anything else (``os.system`` ...) is refused and never called.
 """
 
@@ -255,9 +255,12 @@ def read_artifact(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor]
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
     except Exception as e:
         raise ArtifactError(f"{str(weights)!r} is not a readable safetensors file ({_short(e)}).") from None
-    text = header.get(_HEADER_KEY)
-    if text is None and path.is_dir() and (path / META_NAME).exists():
-        text = (path / META_NAME).read_text(encoding="utf-8")
+    # In a folder, lanterna.json is the metadata (the header's copy serves when it is missing).
+    meta_file = path / META_NAME if path.is_dir() else None
+    if meta_file is not None and meta_file.exists():
+        text = meta_file.read_text(encoding="utf-8")
+    else:
+        text = header.get(_HEADER_KEY)
     if text is None:
         raise ArtifactError(
             f"{str(weights)!r} holds weights but no lanterna metadata; load them into your module with "

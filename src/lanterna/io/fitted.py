@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..errors import ArtifactError, CheckpointError, LanternaError
+from ..errors import ArtifactError, CheckpointError, CheckpointVersionError, LanternaError
 from .artifact import (
     decode_json,
     encode_json,
@@ -30,7 +30,7 @@ from .artifact import (
     save_artifact,
     sniff,
 )
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, verify_checkpoint
 
 if TYPE_CHECKING:
     from ..results import Fitted
@@ -170,13 +170,16 @@ def _read_any(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Weights and metadata of a saved model or of a lanterna checkpoint (weights-only loader)."""
     if path.is_file() and sniff(path) == "zip":
         try:
-            state = load_checkpoint(path)
+            state = load_checkpoint(path, verify=False)
+        except CheckpointVersionError:
+            raise
         except CheckpointError as e:
             raise ArtifactError(
-                f"{str(path)!r} is a torch.save archive but not a whole lanterna checkpoint ({e}). It was read only "
-                "by torch's weights-only loader, which runs no code. Load plain weights with "
+                f"{str(path)!r} is a torch.save archive but not a readable lanterna checkpoint ({e}). It was read "
+                "only by torch's weights-only loader, which runs no code. Load plain weights with "
                 "torch.load(path, weights_only=True) and model.load_state_dict()."
             ) from None
+        verify_checkpoint(state, path)  # a lanterna checkpoint that fails its checksum: DamagedCheckpointError
         ckpt_meta = decode_json(state.get("meta") or {})
         meta = {"module": ckpt_meta.get("module"), "module_kind": "class", "hparams": ckpt_meta.get("hparams"),
                 "opt_hparams": ckpt_meta.get("opt_hparams"), "history": state.get("history") or [],

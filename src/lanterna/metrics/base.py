@@ -29,6 +29,17 @@ class LanternaMetric(Metric):
         for n in names:
             self.add_state(n, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # torchmetrics re-assigns its bookkeeping and the states a dozen times per reset/update/compute; for an
+        # existing plain attribute nn.Module.__setattr__ ends in object.__setattr__ after ~5 µs of checks.
+        if type(value) in _PLAIN_TYPES and name in self.__dict__:
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+
+_PLAIN_TYPES = (Tensor, int, float, bool, type(None))  # exact types: a Parameter or Buffer takes the slow path
+
 
 def _check_same_numel(metric: str, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     if pred.shape == target.shape:

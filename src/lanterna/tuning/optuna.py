@@ -46,13 +46,16 @@ def storage(
     parameters (at most ``max_retry`` times). ``heartbeat_interval=None`` turns that off.
 
     SQLite suits processes on one machine (a local disk; not NFS). For several machines use a server
-    database: ``storage("postgresql://user:pw@host/db")``.
+    database: ``storage("postgresql://user:pw@host/db")``. ``":memory:"`` gives Optuna's in-memory storage
+    (one process, nothing kept).
 
     >>> import lanterna as ln
     >>> st = ln.tuning.storage("studies/mnist.db")  # doctest: +SKIP
     >>> study = optuna.create_study(study_name="mnist", storage=st, load_if_exists=True)  # doctest: +SKIP
     """
     optuna = import_optuna()
+    if url is not None and os.fspath(url) == ":memory:":  # one process: no database, no heartbeats
+        return optuna.storages.InMemoryStorage()
     url = _url(url)
     engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite:"):
@@ -143,6 +146,14 @@ def tune(
     if unknown:
         raise LanternaError(f"tune() got unknown arguments {sorted(unknown)}; besides its own options it takes "
                             f"fit's arguments {list(_FIT_KEYS)}.")
+    from ..callbacks.checkpoint import AutoResume
+
+    if any(isinstance(cb, AutoResume) for cb in fit_kwargs.get("callbacks") or []):
+        raise LanternaError(
+            "tune(callbacks=[AutoResume(...)]) would resume each trial from another trial's state. Return it from "
+            "the objective with a folder per trial instead: {'setup': ..., 'callbacks': "
+            "[ln.callbacks.AutoResume(f'resume/{trial.number}')]}."
+        )
     mon = Monitor(monitor, mode)
     if direction is None:
         direction = "maximize" if mon.mode == "max" else "minimize"
