@@ -193,6 +193,7 @@ def summarize(results: list[dict[str, Any]], jobs: dict[str, list[str]]) -> dict
     for w, cs in jobs.items():
         ok = [r for r in results if r["workload"] == w and "error" not in r]
         ideal = {r["rep"]: r["seconds"] for r in ok if r["contender"] == "ideal"}
+        ideal_cpu = {r["rep"]: r["cpu_seconds"] for r in ok if r["contender"] == "ideal"}
         rows: dict[str, Any] = {}
         for c in cs:
             mine = [r for r in ok if r["contender"] == c]
@@ -202,12 +203,19 @@ def summarize(results: list[dict[str, Any]], jobs: dict[str, list[str]]) -> dict
                 continue
             secs = [r["seconds"] for r in mine]
             ratios = [r["seconds"] / ideal[r["rep"]] for r in mine if r["rep"] in ideal]
+            cpu_ratios = [r["cpu_seconds"] / ideal_cpu[r["rep"]] for r in mine
+                          if r["rep"] in ideal_cpu and "timed_seconds" not in r and "warmup_seconds" not in r]
             last = mine[-1]
             rows[c] = {
                 "n": len(mine), "median": statistics.median(secs), "min": min(secs), "max": max(secs),
                 "ratio": statistics.median(ratios) if ratios else None,
+                "cpu_ratio": statistics.median(cpu_ratios) if cpu_ratios and not WORKLOADS[w].dataset else None,
+                "warmup_s": statistics.median(r["warmup_seconds"] for r in mine) if "warmup_seconds" in last_of(mine)
+                else None,
                 "us_per_step": statistics.median(r["us_per_step"] for r in mine),
                 "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in mine),
+                "rss_before_mb": statistics.median(r["rss_before_mb"] for r in mine),
+                "rss_growth_mb": statistics.median(r["peak_rss_mb"] - r["rss_before_mb"] for r in mine),
                 "failures": len(errors),
                 **{k: last.get(k) for k in ("train_loss", "train_metric", "valid_loss", "valid_metric")},
             }
@@ -220,6 +228,10 @@ def summarize(results: list[dict[str, Any]], jobs: dict[str, list[str]]) -> dict
     return table
 
 
+def last_of(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    return rows[-1] if rows else {}
+
+
 def targets(summary: dict[str, dict[str, Any]]) -> list[str]:
     lines = []
 
@@ -230,7 +242,9 @@ def targets(summary: dict[str, dict[str, Any]]) -> list[str]:
         r = get(w, "lanterna", "ratio")
         if r is not None:
             verdict = "met" if r <= limit else "MISSED"
-            lines.append(f"| {w} lanterna time ÷ ideal | ≤ {limit:.2f}× | {r:.3f}× | {verdict} |")
+            cpu = get(w, "lanterna", "cpu_ratio")
+            cpu_s = f" (CPU time: {cpu:.3f}×)" if cpu is not None else ""
+            lines.append(f"| {w} lanterna time ÷ ideal | ≤ {limit:.2f}× | {r:.3f}×{cpu_s} | {verdict} |")
     ov = get("W0", "lanterna", "overhead_us")
     if ov is not None:
         lines.append(f"| W0 per-step overhead over the ideal loop | ≤ {W0_OVERHEAD_US:.0f} µs | {ov:.1f} µs | "
@@ -238,7 +252,10 @@ def targets(summary: dict[str, dict[str, Any]]) -> list[str]:
     rl, ri = get("W2", "lanterna", "peak_rss_mb"), get("W2", "ideal", "peak_rss_mb")
     if rl is not None and ri is not None:
         q = rl / ri
-        lines.append(f"| W2 peak RSS ÷ ideal | ≤ {RSS_TARGET:.2f}× | {q:.3f}× ({rl:.0f} / {ri:.0f} MB) | "
+        gl, gi = get("W2", "lanterna", "rss_growth_mb"), get("W2", "ideal", "rss_growth_mb")
+        bl, bi = get("W2", "lanterna", "rss_before_mb"), get("W2", "ideal", "rss_before_mb")
+        lines.append(f"| W2 peak RSS ÷ ideal | ≤ {RSS_TARGET:.2f}× | {q:.3f}× ({rl:.0f} / {ri:.0f} MB; before fit, "
+                     f"imports + data: {bl:.0f} / {bi:.0f} MB; growth during fit: {gl:.0f} / {gi:.0f} MB) | "
                      f"{'met' if q <= RSS_TARGET else 'MISSED'} |")
     for w in ("W2", "W3"):
         r = get(w, "lanterna-compile", "ratio")
@@ -251,7 +268,8 @@ def targets(summary: dict[str, dict[str, Any]]) -> list[str]:
 def markdown(summary: dict[str, dict[str, Any]], info: dict[str, Any], args: argparse.Namespace,
              loads: list[float], wall: float) -> str:
     out = ["# Benchmarks", ""]
-    out += [f"Latest full run: {info['date']}, {wall / 60:.0f} min. Reproduce with `make bench` or", "",
+    took = f", {wall / 60:.0f} min" if wall else ""
+    out += [f"Latest full run: {info['date']}{took}. Reproduce with `make bench` or", "",
             f"```\n{info['command']}\n```", ""]
     v = info["versions"]
     out += ["## Machine", "",
@@ -263,29 +281,52 @@ def markdown(summary: dict[str, dict[str, Any]], info: dict[str, Any], args: arg
             "- bf16 in hardware: " + ("yes" if info["bf16_native"]
                                       else "no (no AVX512-BF16/AMX, no GPU): bf16-mixed is not benchmarked here")]
     if loads:
-        busy = statistics.median(loads) > 0.5 * info["logical_cpus"]
-        out.append(f"- Load during the run (1-min load average, {len(loads)} samples): median "
-                   f"{statistics.median(loads):.2f}, max {max(loads):.2f} on {info['logical_cpus']} CPUs"
+        busy = statistics.median(loads) > 1.5  # the run itself keeps one CPU busy
+        out.append(f"- Load during the run (1-min load average, {len(loads)} samples; the benchmark itself accounts "
+                   f"for about 1): median {statistics.median(loads):.2f}, max {max(loads):.2f} on "
+                   f"{info['logical_cpus']} CPUs"
                    + (" — the machine was shared, so absolute times are noisy; the ratios, taken within each "
-                      "interleaved round, are the figures to read." if busy else ""))
+                      "interleaved round, are the figures to read." if busy else "."))
     out += ["", "## Method", "",
             f"- {args.reps} interleaved rounds: every contender runs once per round in its own fresh process, the "
             "order rotated each round. Time = building the model/optimizer/framework objects + training + "
-            "validation + reading the final numbers; imports and data generation are not timed.",
+            "validation + reading the final numbers; imports and data generation are not timed (torch._dynamo, which "
+            "torch.optim imports at its first step, ~1.4 s, is imported beforehand in every process).",
             "- Same model class, initial weights (torch.manual_seed(1) before building it), data, batch size, "
             "optimizer and hyperparameters everywhere; the DataLoader-based contenders and lanterna draw the same "
             "shuffles, so their final losses agree to float rounding.",
             "- `× ideal` is the median over rounds of (contender time ÷ ideal-loop time in the same round); "
-            "`µs/step` is time ÷ optimizer steps (validation included); peak RSS is the process's high-water mark.",
+            "`µs/step` is time ÷ optimizer steps (validation included); peak RSS is the process's high-water mark "
+            "during the timed run (reset at its start, so data generation does not count; imports and data do).",
             "", "Contenders:", ""]
     for c in sorted({c for rows in summary.values() for c in rows}, key=lambda c: list(CONTENDERS).index(c)):
         out.append(f"- **{c}**: {DESCRIPTIONS[c]}")
+    out += ["", "## Summary: time ÷ the ideal loop (median of the per-round ratios)", ""]
+    cols = list(summary)
+    names = [c for c in CONTENDERS if any(c in summary[w] for w in cols)]
+    out += ["| contender | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for c in names:
+        cells = []
+        for w in cols:
+            r = summary[w].get(c, {}).get("ratio")
+            cells.append("–" if r is None else (f"**{r:.2f}×**" if c == "lanterna" else f"{r:.2f}×"))
+        out.append(f"| {c} | " + " | ".join(cells) + " |")
+    w1 = summary.get("W1", {})
+    if "lanterna" in w1 and w1["lanterna"].get("median"):
+        peers = {c: r["median"] for c, r in w1.items() if c not in ("ideal", "lanterna") and "median" in r
+                 and not c.startswith("lanterna")}
+        if peers:
+            best, mine = min(peers, key=peers.get), w1["lanterna"]["median"]
+            slowest = f" and {max(peers.values()) / mine:.1f}× faster than the slowest" if len(peers) > 1 else ""
+            out += ["", f"On W1 lanterna is {peers[best] / mine:.2f}× faster than the fastest other contender "
+                    f"({best}){slowest}."]
     out += ["", "## Targets", "", "| target | limit | measured | |", "|---|---|---|---|", *targets(summary), ""]
     for w, rows in summary.items():
         wl = WORKLOADS[w]
         out += [f"## {w}: {wl.title}", ""]
         metric = {"mae": "MAE", "acc": "accuracy"}[wl.metric]
-        head = ["contender", "median s", "min–max s", "× ideal", "µs/step", "overhead µs/step", "train loss"]
+        head = ["contender", "median s", "min–max s", "× ideal", "× ideal (CPU time)", "µs/step",
+                "overhead µs/step", "train loss"]
         if wl.validate:
             head += [f"train {metric}", "valid loss", f"valid {metric}"]
         head.append("peak RSS MB")
@@ -296,8 +337,12 @@ def markdown(summary: dict[str, dict[str, Any]], info: dict[str, Any], args: arg
             if "error" in r:
                 out.append(f"| {c} | failed: {r['error'][:120].replace('|', '/')} |" + " |" * (len(head) - 2))
                 continue
-            cells = [f"**{c}**" if c == "lanterna" else c, f"{r['median']:.3f}", f"{r['min']:.3f}–{r['max']:.3f}",
-                     f"{r['ratio']:.2f}×" if r["ratio"] is not None else "–", f"{r['us_per_step']:.0f}",
+            name = f"**{c}**" if c == "lanterna" else c
+            if r.get("warmup_s") is not None:
+                name += f" (after a {r['warmup_s']:.1f} s warm-up epoch that compiles; losses after 2 epochs)"
+            cells = [name, f"{r['median']:.3f}", f"{r['min']:.3f}–{r['max']:.3f}",
+                     f"{r['ratio']:.2f}×" if r["ratio"] is not None else "–",
+                     f"{r['cpu_ratio']:.2f}×" if r.get("cpu_ratio") is not None else "–", f"{r['us_per_step']:.0f}",
                      f"{r.get('overhead_us', 0):+.0f}", _fmt(r["train_loss"])]
             if wl.validate:
                 cells += [_fmt(r["train_metric"]), _fmt(r["valid_loss"]), _fmt(r["valid_metric"])]
@@ -305,8 +350,52 @@ def markdown(summary: dict[str, dict[str, Any]], info: dict[str, Any], args: arg
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
     out += ["The profile behind these numbers, and how lanterna keeps its hot path lean, is in "
-            "[docs/performance.md](docs/performance.md).", ""]
+            "[docs/performance.md](docs/performance.md). A full run also saves its raw results to "
+            "`bench/results/latest.json` (not versioned), from which `python bench/run.py --from-json "
+            "bench/results/latest.json --write` re-renders this page.", ""]
     return "\n".join(out)
+
+
+def _command(argv: list[str]) -> str:
+    """The command to reproduce a run: its options, less those that only say where the output goes."""
+    kept, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("--json", "--out"):
+            skip = True
+            continue
+        if a.startswith(("--json=", "--out=", "--write", "--no-write")):
+            continue
+        kept.append(a)
+    return " ".join(["python bench/run.py", *kept])
+
+
+def render_saved(args: argparse.Namespace) -> None:
+    """Rebuild the markdown report from a ``--json`` file (e.g. after improving the report's layout)."""
+    with open(args.from_json) as f:
+        saved = json.load(f)
+    info, results = saved["machine"], saved["results"]
+    info.setdefault("command", "python bench/run.py")
+    info["command"] = _command(info["command"].split()[2:])
+    jobs: dict[str, list[str]] = {}
+    for r in results:
+        cs = jobs.setdefault(r["workload"], [])
+        if r["contender"] not in cs:
+            cs.append(r["contender"])
+    for w, cs in jobs.items():  # the planned order, where it is known
+        jobs[w] = [c for c in plan([w], None)[w] if c in cs] + [c for c in cs if c not in plan([w], None)[w]]
+    args.threads = info.get("threads", args.threads)
+    args.reps = info.get("reps", max(r["rep"] for r in results) + 1)
+    summary = summarize(results, jobs)
+    loads = [r["load1"] for r in results if "load1" in r]
+    report = markdown(summary, info, args, loads, info.get("wall_s", 0.0))
+    print(report)
+    if args.write:
+        with open(args.out, "w") as f:
+            f.write(report)
+        print(f"wrote {args.out}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -320,8 +409,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"), help="markdown report path")
     p.add_argument("--write", action=argparse.BooleanOptionalAction, default=None,
                    help="write the report to --out (default: only for a full run)")
-    p.add_argument("--json", help="also save the raw results here")
+    p.add_argument("--json", help="also save the raw results here (default for a full run: bench/results/latest.json)")
+    p.add_argument("--from-json", help="render the report of results saved with --json, without running anything")
     args = p.parse_args(argv)
+    if args.from_json:
+        render_saved(args)
+        return
 
     if args.quick:
         args.workloads = args.workloads or "W1"
@@ -340,22 +433,26 @@ def main(argv: list[str] | None = None) -> None:
         contenders.insert(0, "ideal")  # the reference every ratio needs
     full = args.workloads is None and args.contenders is None and not args.quick
     write = full if args.write is None else args.write
+    if write and not args.json:  # the raw results behind the report, to re-render it (--from-json)
+        args.json = os.path.join(BENCH, "results", "latest.json")
 
     info = machine()
     info["date"] = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    info["command"] = "python bench/run.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])
-                                               if (argv if argv is not None else sys.argv[1:]) else "")
+    info["command"] = _command(argv if argv is not None else sys.argv[1:])
+    info["threads"], info["reps"] = args.threads, args.reps
     jobs = plan(workloads, contenders)
     t0 = time.time()
     results = run_all(jobs, args.reps, args.threads, args.timeout)
     wall = time.time() - t0
+    info["wall_s"] = wall
     summary = summarize(results, jobs)
     loads = [r["load1"] for r in results if "load1" in r]
     report = markdown(summary, info, args, loads, wall)
     print(report)
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump({"machine": info, "results": results, "summary": summary}, f, indent=1)
+            json.dump({"machine": info, "results": results}, f, separators=(",", ":"))
     if write:
         with open(args.out, "w") as f:
             f.write(report)

@@ -2,9 +2,9 @@
 
     python bench/worker.py W1 lanterna --threads 1
 
-Imports (torch._dynamo included, which torch.optim would import at the first step) and data generation are
-not timed; the time covers building the model, optimizer and framework
-objects, training, validation and reading the final numbers.
+Imports (torch._dynamo included, which torch.optim would import at its first step) and data generation are
+not timed; the time covers building the model, optimizer and framework objects, training, validation and
+reading the final numbers. Peak RSS is the high-water mark of the timed run (reset at its start on Linux).
 """
 
 from __future__ import annotations

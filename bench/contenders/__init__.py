@@ -36,7 +36,8 @@ DESCRIPTIONS: dict[str, str] = {
     "skorch": "skorch NeuralNetRegressor/Classifier with a predefined validation split and EpochScoring",
     "ignite": "ignite create_supervised_trainer/evaluator with metrics attached to both",
     "lanterna-bf16": "lanterna with Accelerator(precision='bf16-mixed')",
-    "lanterna-compile": "lanterna with Accelerator(compile=True) (time includes compilation)",
+    "lanterna-compile": "lanterna with Accelerator(compile=True): one extra first epoch compiles (its time is "
+                        "reported apart), the time is that of the workload's epochs after it",
 }
 
 

@@ -31,7 +31,7 @@ from ..errors import DataError
 from .sources import BatchSource, LoaderBatches, TensorBatches
 from .structure import flatten
 
-__all__ = ["make_source", "split_valid", "to_tensor_leaves"]
+__all__ = ["loader_options", "make_source", "split_valid", "to_tensor_leaves"]
 
 _LOADER_DEFAULTS: dict[str, Any] = {"batch_size": 32}
 _SUPPORTED = (
@@ -346,6 +346,18 @@ def _split_dataset(ds: Any, fraction: float, gen: torch.Generator) -> tuple[Tens
     return _split_indices(n, float(fraction), labels, gen)
 
 
+def loader_options(dl: DataLoader) -> dict[str, Any]:
+    """The options to rebuild ``dl`` over another dataset or sampler (all but dataset/sampler/shuffle)."""
+    opts: dict[str, Any] = {
+        "batch_size": dl.batch_size, "num_workers": dl.num_workers, "collate_fn": dl.collate_fn,
+        "pin_memory": dl.pin_memory, "drop_last": dl.drop_last, "timeout": dl.timeout,
+        "worker_init_fn": dl.worker_init_fn, "generator": dl.generator,
+    }
+    if dl.num_workers > 0:
+        opts.update(prefetch_factor=dl.prefetch_factor, persistent_workers=dl.persistent_workers)
+    return opts
+
+
 def _split_loader(dl: DataLoader, fraction: float, gen: torch.Generator) -> tuple[BatchSource, BatchSource]:
     if dl.batch_size is None:
         raise DataError(
@@ -358,18 +370,7 @@ def _split_loader(dl: DataLoader, fraction: float, gen: torch.Generator) -> tupl
         tr, va = _split_indices(len(leaves[0]), float(fraction), labels, gen)
     else:
         tr, va = _split_dataset(dl.dataset, fraction, gen)
-    opts: dict[str, Any] = {
-        "batch_size": dl.batch_size,
-        "num_workers": dl.num_workers,
-        "collate_fn": dl.collate_fn,
-        "pin_memory": dl.pin_memory,
-        "drop_last": dl.drop_last,
-        "timeout": dl.timeout,
-        "worker_init_fn": dl.worker_init_fn,
-        "generator": dl.generator,
-    }
-    if dl.num_workers > 0:
-        opts.update(prefetch_factor=dl.prefetch_factor, persistent_workers=dl.persistent_workers)
+    opts = loader_options(dl)
     shuffle = isinstance(dl.sampler, RandomSampler)
     train_dl = DataLoader(Subset(dl.dataset, tr.tolist()), shuffle=shuffle, **opts)
     valid_dl = DataLoader(Subset(dl.dataset, va.tolist()), shuffle=False, **{**opts, "drop_last": False})

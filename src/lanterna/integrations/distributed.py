@@ -17,6 +17,7 @@ import atexit
 import contextlib
 import datetime
 import os
+import sys
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -26,6 +27,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
+from ..data.adapters import loader_options
 from ..data.sources import BatchSource, LoaderBatches, TensorBatches
 
 __all__ = ["Distributed", "from_env", "world_size_from_env"]
@@ -80,17 +82,6 @@ class _ShardedTensorBatches(TensorBatches):
         return self.sampler.order()
 
 
-def _rebuild_loader(dl: DataLoader, sampler: Sampler[int]) -> DataLoader:
-    opts: dict[str, Any] = {
-        "batch_size": dl.batch_size, "num_workers": dl.num_workers, "collate_fn": dl.collate_fn,
-        "pin_memory": dl.pin_memory, "drop_last": dl.drop_last, "timeout": dl.timeout,
-        "worker_init_fn": dl.worker_init_fn, "generator": dl.generator,
-    }
-    if dl.num_workers > 0:
-        opts.update(prefetch_factor=dl.prefetch_factor, persistent_workers=dl.persistent_workers)
-    return DataLoader(dl.dataset, sampler=sampler, **opts)
-
-
 class Distributed:
     """One process of a DDP job: rank, world size, device, and the collectives fit needs."""
 
@@ -135,7 +126,7 @@ class Distributed:
                 return source
             shuffle = train and type(dl.sampler).__name__ == "RandomSampler"
             sampler = ShardSampler(len(dl.dataset), self.rank, self.world_size, shuffle=shuffle, seed=self.seed)
-            return LoaderBatches(_rebuild_loader(dl, sampler), source.device)
+            return LoaderBatches(DataLoader(dl.dataset, sampler=sampler, **loader_options(dl)), source.device)
         return source
 
     @staticmethod
@@ -181,10 +172,15 @@ class Distributed:
 
 
 def _destroy() -> None:
-    # A process group left to interpreter teardown can abort (SIGABRT) in gloo's destructors.
-    if dist.is_initialized():
+    """At exit: leave together, then tear the group down. A group left to interpreter teardown, or torn down
+    while a peer still uses its connections, can abort the process in gloo's destructors."""
+    if not dist.is_initialized():
+        return
+    if getattr(sys, "last_value", None) is None:  # a clean exit (an uncaught error skips the wait)
         with contextlib.suppress(Exception):
-            dist.destroy_process_group()
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+    with contextlib.suppress(Exception):
+        dist.destroy_process_group()
 
 
 def from_env(accelerator: Any, seed: int | None) -> Distributed | None:
