@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 # The tiny models of the suite run many times faster on one thread, and the suite shares two cores.
 torch.set_num_threads(1)
@@ -36,6 +36,19 @@ class MLPClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+
+class PairDataset(Dataset):
+    """A map-style dataset that is not a TensorDataset: lanterna iterates its DataLoader as is."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[i], self.y[i]
 
 
 def make_luz_data(n: int = 1000, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

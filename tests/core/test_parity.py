@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import Net, make_luz_data
+from conftest import Net, PairDataset, make_luz_data
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Subset, TensorDataset
 
 import lanterna as ln
 from lanterna.data import LoaderBatches, TensorBatches, make_source
@@ -130,19 +130,6 @@ def test_unshuffled_dataloader_matches_the_hand_loop():
     fitted, ln_rng = with_lanterna(torch.optim.SGD, {"lr": 0.05}, DataLoader(TensorDataset(x, y), batch_size=50))
     assert_bit_identical(fitted.model, model)
     assert torch.equal(rng, ln_rng)
-
-
-class PairDataset(Dataset):
-    """A map-style dataset that is not a TensorDataset: lanterna iterates its DataLoader as is."""
-
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return self.x[i], self.y[i]
 
 
 def test_a_dataloader_outside_the_fast_path_matches_the_hand_loop_too():

@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import PairDataset
 from torch.utils.data import (
     DataLoader,
-    Dataset,
     IterableDataset,
     RandomSampler,
     SequentialSampler,
@@ -20,17 +20,6 @@ from torch.utils.data import (
 
 from lanterna.data import LoaderBatches, TensorBatches, make_source, to_tensor_leaves
 from lanterna.errors import DataError
-
-
-class PairDataset(Dataset):
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return self.x[i], self.y[i]
 
 
 class Stream(IterableDataset):

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torchmetrics
-from conftest import MLPClassifier, Net, make_blobs, make_luz_data
+from conftest import MLPClassifier, Net, PairDataset, make_blobs, make_luz_data
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 import lanterna as ln
 
@@ -69,17 +69,6 @@ def test_accuracy_is_exact_with_an_uneven_last_batch():
     assert rec["train_acc"] == pytest.approx(float((train_scores.argmax(1) == y).double().mean()), abs=1e-7)
     assert rec["valid_acc"] == pytest.approx(float((valid_scores.argmax(1) == yv).double().mean()), abs=1e-7)
     assert rec["valid_loss"] == pytest.approx(float(nn.functional.cross_entropy(valid_scores, yv)), rel=1e-6)
-
-
-class PairDataset(Dataset):
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return self.x[i], self.y[i]
 
 
 def stack_collate(items):

@@ -9,27 +9,15 @@ import random
 import numpy as np
 import pytest
 import torch
+from conftest import Net, make_luz_data
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lanterna as ln
 
 
-class Net(nn.Module):
-    """Seed 000's model."""
-
-    def __init__(self, d_in: int = 3, d_hidden: int = 32, d_out: int = 1) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(d_in, d_hidden), nn.ReLU(), nn.Linear(d_hidden, d_out))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
 def toy(n: int = 1000, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 3, generator=g)
-    return x, (x @ torch.tensor([0.2, -1.3, -0.5])).unsqueeze(1) + torch.randn(n, 1, generator=g)
+    return make_luz_data(n, seed)
 
 
 def test_sweep_on_the_toy_regression_suggests_a_sane_learning_rate():
