@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, TensorDataset
 
 DATA_SEED = 0
 MODEL_SEED = 1  # torch.manual_seed(MODEL_SEED) right before the model is built, in every contender
@@ -249,6 +249,14 @@ WORKLOADS: dict[str, Workload] = {
                  momentum=0.9, dataset=True, n_train=10_000, n_valid=2_000, data_fn=_w4_data),
     ]
 }
+
+
+def datasets(w: Workload, data: Any) -> tuple[Dataset, Dataset]:
+    """(train, valid) datasets of a workload: its own for W4, TensorDatasets over the tensors otherwise."""
+    if w.dataset:
+        return data
+    xt, yt, xv, yv = data
+    return TensorDataset(xt, yt), TensorDataset(xv, yv)
 
 
 def seeded_model(w: Workload) -> nn.Module:

@@ -8,16 +8,12 @@ from typing import Any
 
 from ignite.engine import Events, create_supervised_evaluator, create_supervised_trainer
 from ignite.metrics import Accuracy, Average, Loss, MeanAbsoluteError
-from torch.utils.data import DataLoader, TensorDataset
-from workloads import Workload, seeded_model
+from torch.utils.data import DataLoader
+from workloads import Workload, datasets, seeded_model
 
 
 def run(w: Workload, data: Any, variant: str) -> dict[str, float]:
-    if w.dataset:
-        train_ds, valid_ds = data
-    else:
-        xt, yt, xv, yv = data
-        train_ds, valid_ds = TensorDataset(xt, yt), TensorDataset(xv, yv)
+    train_ds, valid_ds = datasets(w, data)
     train = DataLoader(train_ds, batch_size=w.batch_size, shuffle=True)
     valid = DataLoader(valid_ds, batch_size=w.batch_size)
     model = seeded_model(w)

@@ -13,8 +13,8 @@ from typing import Any
 import lightning as L
 import torch
 import torchmetrics
-from torch.utils.data import DataLoader, TensorDataset
-from workloads import Workload, seeded_model
+from torch.utils.data import DataLoader
+from workloads import Workload, datasets, seeded_model
 
 
 def _metric(w: Workload) -> torchmetrics.Metric:
@@ -56,11 +56,7 @@ class Module(L.LightningModule):
 
 
 def run(w: Workload, data: Any, variant: str) -> dict[str, float]:
-    if w.dataset:
-        train_ds, valid_ds = data
-    else:
-        xt, yt, xv, yv = data
-        train_ds, valid_ds = TensorDataset(xt, yt), TensorDataset(xv, yv)
+    train_ds, valid_ds = datasets(w, data)
     module = Module(w)
     train = DataLoader(train_ds, batch_size=w.batch_size, shuffle=True)
     valid = DataLoader(valid_ds, batch_size=w.batch_size) if w.validate else None

@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 import torchmetrics
-from torch.utils.data import DataLoader, TensorDataset
-from workloads import Workload, seeded_model
+from torch.utils.data import DataLoader
+from workloads import Workload, datasets, seeded_model
 
 
 def _metric(w: Workload) -> torchmetrics.Metric:
@@ -18,11 +18,7 @@ def _metric(w: Workload) -> torchmetrics.Metric:
 
 
 def run(w: Workload, data: Any, variant: str) -> dict[str, float]:
-    if w.dataset:
-        train_ds, valid_ds = data
-    else:
-        xt, yt, xv, yv = data
-        train_ds, valid_ds = TensorDataset(xt, yt), TensorDataset(xv, yv)
+    train_ds, valid_ds = datasets(w, data)
     model = seeded_model(w)
     optimizer = w.make_optimizer(model.parameters())
     loss_fn = w.loss_fn()
