@@ -1,6 +1,6 @@
 """A user script run unchanged with `python` or `torchrun` (tests/distributed/test_ddp.py starts it).
 
-Usage: ddp_worker.py MODE OUT_DIR   (MODE: fit | parity | resume | uninterrupted | raise)
+Usage: ddp_worker.py MODE OUT_DIR   (MODE: fit | parity | resume | uninterrupted | raise | metrics)
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -38,6 +39,36 @@ def toy_data() -> tuple[torch.Tensor, torch.Tensor]:
     y = (x @ torch.tensor([0.2, -1.3, -0.5])).unsqueeze(1) + torch.randn(n, 1, generator=g)
     idx = torch.arange(n, dtype=torch.float32).unsqueeze(1)
     return torch.cat([x, idx], dim=1), y
+
+
+def metric_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(5)
+    pred, target = torch.randn(200, 1, generator=g), torch.randn(200, 1, generator=g)
+    scores, labels = torch.randn(200, 3, generator=g), torch.randint(0, 3, (200,), generator=g)
+    return pred, target, scores, labels
+
+
+def metric_cases(pred, target, scores, labels) -> list[tuple[str, ln.metrics.LanternaMetric, Any, Any]]:
+    return [("rmse", ln.metrics.RMSE(), pred, target), ("acc", ln.metrics.Accuracy(), scores, labels),
+            ("auroc", ln.metrics.BinaryAUROC(from_logits=True), pred.squeeze(1), (target.squeeze(1) > 0).long()),
+            ("mc_auroc", ln.metrics.MulticlassAUROC(3, average=None), scores, labels),
+            ("max_error", MaxError(), pred, target)]
+
+
+class MaxError(ln.metrics.LanternaMetric):
+    """A custom metric with a max-reduced state."""
+
+    name = "max_error"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("worst", torch.tensor(0.0), dist_reduce_fx="max")
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        self.worst = torch.maximum(self.worst, (pred - target).abs().max())
+
+    def compute(self) -> torch.Tensor:
+        return self.worst
 
 
 class RecordShards(ln.Callback):
@@ -112,6 +143,20 @@ def main() -> None:
             save_file(dict(fitted.model.state_dict()), str(out / f"weights_{mode}.safetensors"))
             (out / f"history_{mode}.json").write_text(json.dumps(
                 [{k: v for k, v in r.items() if k.startswith(("train_", "valid_"))} for r in fitted.history]))
+    elif mode == "metrics":  # ln.metrics on their own: each rank updates its slice, compute() sees them all
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")
+        pred, target, scores, labels = metric_data()
+        world = dist.get_world_size()
+        lo, hi = (0, 0) if rank == 1 else (rank * 40, rank * 40 + 40 + 7 * rank)  # rank 1 has no samples
+        values = {}
+        for name, metric, p, t in metric_cases(pred, target, scores, labels):
+            if hi > lo:
+                metric.update(p[lo:hi], t[lo:hi])
+            values[name] = metric.compute().tolist()
+        (out / f"metrics_{rank}.json").write_text(json.dumps({"values": values, "world": world, "n": hi - lo}))
+        dist.destroy_process_group()
     elif mode == "raise":
         setup.fit(train, epochs=3, seed=1, callbacks=[RaiseOnRank1()], verbose=False)
     else:

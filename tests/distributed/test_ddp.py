@@ -16,7 +16,7 @@ import lanterna as ln
 HERE = Path(__file__).parent
 WORKER = HERE / "ddp_worker.py"
 sys.path.insert(0, str(HERE))
-from ddp_worker import N_TRAIN, N_VALID, Net, toy_data  # noqa: E402
+from ddp_worker import N_TRAIN, N_VALID, Net, metric_cases, metric_data, toy_data  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -104,3 +104,18 @@ def test_a_rank_that_raises_fails_the_job_without_hanging(tmp_path: Path) -> Non
     proc = torchrun(2, "raise", str(tmp_path), timeout=120)
     assert proc.returncode != 0
     assert "boom from rank 1" in proc.stdout + proc.stderr
+
+
+def test_standalone_metrics_compute_over_all_ranks_even_a_rank_without_samples(tmp_path: Path) -> None:
+    """Sum, max and concatenated (AUROC) states reduced in compute(); rank 1 updated nothing."""
+    proc = torchrun(3, "metrics", str(tmp_path), timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = [json.loads((tmp_path / f"metrics_{r}.json").read_text()) for r in range(3)]
+    assert [r["n"] for r in results] == [40, 0, 54]
+    data = metric_data()
+    rows = torch.cat([torch.arange(0, 40), torch.arange(80, 134)])  # what ranks 0 and 2 hold, in rank order
+    for name, metric, p, t in metric_cases(*data):
+        metric.update(p[rows], t[rows])
+        expected = metric.compute().tolist()
+        for r in results:
+            assert r["values"][name] == pytest.approx(expected, rel=1e-6), (name, r)

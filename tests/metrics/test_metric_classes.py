@@ -3,10 +3,13 @@ chunks so that exactness over the epoch is what is tested."""
 
 from __future__ import annotations
 
+import copy
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
-import torchmetrics
 from sklearn.metrics import accuracy_score, mean_absolute_error, mean_squared_error, roc_auc_score
 from torchmetrics.functional.classification import binary_auroc, multiclass_accuracy, multiclass_auroc
 
@@ -131,15 +134,81 @@ def test_multiclass_auroc_matches_sklearn_one_vs_rest(multiclass):
         ln.metrics.MulticlassAUROC(num_classes=4).update(probs[:, :3], target)
 
 
-def test_metrics_reset_and_are_torchmetrics_metrics(regression):
+def test_metrics_reset_and_follow_the_torchmetrics_protocol(regression):
     pred, target = regression
     m = ln.metrics.MAE()
-    assert isinstance(m, torchmetrics.Metric)
     first = float(feed(m, pred, target))
     m.reset()
     m.update(pred[:1], target[:1])
     assert float(m.compute()) == pytest.approx(float((pred[0] - target[0]).abs()), rel=1e-6)
     assert float(feed(m, pred, target)) == first
+    # metric(pred, target): the batch's own value, and the batch is accumulated (torchmetrics' forward)
+    m.reset()
+    assert float(m(pred[:5], target[:5])) == pytest.approx(float((pred[:5] - target[:5]).abs().mean()), rel=1e-6)
+    assert float(m(pred[5:], target[5:])) == pytest.approx(float((pred[5:] - target[5:]).abs().mean()), rel=1e-6)
+    assert float(m.compute()) == pytest.approx(first, rel=1e-6)
+
+
+def test_state_round_trip_dtype_and_copies(binary):
+    logits, target = binary
+    auroc = ln.metrics.BinaryAUROC(from_logits=True)
+    auroc.update(logits[:10], target[:10])
+    state = auroc.metric_state
+    other = ln.metrics.BinaryAUROC(from_logits=True)
+    other.load_metric_state(state)
+    auroc.update(logits[10:], target[10:])
+    other.update(logits[10:], target[10:])
+    assert float(other.compute()) == float(auroc.compute()) == pytest.approx(float(feed(
+        ln.metrics.BinaryAUROC(from_logits=True), logits, target)))
+    with pytest.raises(KeyError, match="has no state 'nope'"):
+        other.load_metric_state({"nope": torch.zeros(())})
+    mae = ln.metrics.MAE().set_dtype(torch.float32)
+    assert mae.error_sum.dtype == torch.float32
+    mae.reset()
+    assert mae.error_sum.dtype == torch.float32  # the default was converted too
+    clone = copy.deepcopy(mae)
+    clone.update(torch.ones(2), torch.zeros(2))
+    assert float(clone.compute()) == 1.0 and float(mae.count) == 0.0
+
+
+def test_a_custom_metric_from_the_base_class_trains_and_validates_states():
+    class MaxAbsError(ln.metrics.LanternaMetric):
+        name, display_name, higher_is_better = "max_err", "MaxErr", False
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.add_state("worst", torch.tensor(0.0), dist_reduce_fx="max")
+
+        def update(self, pred, target):
+            self.worst = torch.maximum(self.worst, (pred - target).abs().max())
+
+        def compute(self):
+            return self.worst
+
+    m = MaxAbsError()
+    assert float(m(torch.tensor([1.0, -3.0]), torch.zeros(2))) == 3.0
+    assert float(m(torch.tensor([2.0]), torch.zeros(1))) == 2.0 and float(m.compute()) == 3.0
+    with pytest.raises(ValueError, match="dist_reduce_fx must be one of"):
+        m.add_state("x", torch.zeros(()), dist_reduce_fx="mean")
+    with pytest.raises(ValueError, match="a list state starts empty"):
+        m.add_state("x", [torch.zeros(())])
+    with pytest.raises(ValueError, match="before any update"):
+        ln.metrics.BinaryAUROC().compute()
+
+
+def test_ln_metrics_do_not_import_torchmetrics():
+    """torchmetrics pulls scipy and matplotlib (+~100 MB): ln.metrics (but AUROC's compute) never import it."""
+    code = (
+        "import sys, torch, lanterna as ln\n"
+        "x = torch.randn(64, 3); y = x.sum(1, keepdim=True)\n"
+        "ln.setup(torch.nn.Linear, metrics=[ln.metrics.MAE(), ln.metrics.RMSE()], loss=torch.nn.MSELoss())"
+        ".set_hparams(in_features=3, out_features=1).fit((x, y), epochs=2, valid_data=0.25, verbose=False)\n"
+        "c = torch.randn(64, 4); ln.metrics.Accuracy().update(c, c.argmax(1))\n"
+        "print(sorted(m for m in ('torchmetrics', 'scipy', 'matplotlib') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize(

@@ -161,3 +161,34 @@ def test_a_non_metric_is_refused_with_a_fix():
     x, y = make_luz_data(n=20)
     with pytest.raises(TypeError, match="torchmetrics.Metric instances; got function"):
         regression_setup([lambda p, t: (p - t).abs().mean()]).fit((x, y), epochs=1, verbose=False)
+
+
+class _BatchMeanMAE(ln.metrics.LanternaMetric):
+    """A mean of per-batch MAEs: not foldable over concatenated batches, so it says so."""
+
+    name, display_name = "batch_mae", "BatchMAE"
+    fold_batches = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("total", torch.tensor(0.0, dtype=torch.float64))
+        self.add_state("batches", torch.tensor(0.0, dtype=torch.float64))
+
+    def update(self, pred, target):
+        self.total += (pred - target).abs().mean(dtype=torch.float64)
+        self.batches += 1
+
+    def compute(self):
+        return (self.total / self.batches).float()
+
+
+def test_custom_metrics_in_fit_folded_or_updated_every_batch():
+    x, y = make_luz_data(n=100)
+    fitted = regression_setup([ln.metrics.MAE(), _BatchMeanMAE()]).fit(
+        (x, y), epochs=1, verbose=False, seed=0, dataloader_options={"batch_size": 30, "shuffle": False})
+    with torch.no_grad():
+        err = (fitted.model(x) - y).abs().double()
+    per_batch = [float(err[i:i + 30].mean()) for i in range(0, 100, 30)]
+    assert fitted.history[0]["train_batch_mae"] == pytest.approx(sum(per_batch) / 4, rel=1e-6)
+    assert fitted.history[0]["train_mae"] == pytest.approx(float(err.mean()), rel=1e-6)
+    assert fitted.history[0]["train_batch_mae"] != pytest.approx(fitted.history[0]["train_mae"], rel=1e-6)

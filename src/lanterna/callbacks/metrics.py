@@ -1,8 +1,8 @@
 """Built-in callback that keeps the epoch's loss, metrics and ``ctx.log`` values — on the device, read once
 per phase — and writes them into the epoch's history record.
 
-Speed: a torchmetrics ``update`` costs tens of microseconds of Python whatever the batch size, as much as
-a whole training step of a small model. So the batch losses and the (prediction, target) pairs of
+Speed: a metric ``update`` costs microseconds of Python whatever the batch size (a torchmetrics one tens of
+them), as much as a whole training step of a small model. So the batch losses and the (prediction, target) pairs of
 ``ln.metrics`` (whose states are sums or concatenations over samples, so that one update on concatenated
 batches equals the per-batch updates) are kept on the device and folded in with one update every
 ``FLUSH_BATCHES`` batches and at the end of the phase. The first batch of each set is updated at once, so a
@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
 
 from ..core.callback import Callback
 from ..core.context import Context
@@ -54,15 +53,15 @@ class MetricsCallback(Callback):
 
     order = -100
 
-    def __init__(self, train: list[Metric], valid: list[Metric]) -> None:
+    def __init__(self, train: list[Any], valid: list[Any]) -> None:
         self.sets = {"train": self._named(train), "valid": self._named(valid)}
         self._seen: set[str] = set()
         self._buffer = True
-        self._active: list[tuple[str, Metric]] = []
+        self._active: list[tuple[str, Any]] = []
         self._losses, self._sizes, self._pending, self._slots = [], [], [], []
 
     @staticmethod
-    def _named(metrics: list[Metric]) -> list[tuple[str, Metric]]:
+    def _named(metrics: list[Any]) -> list[tuple[str, Any]]:
         return list(zip(unique_names(metrics), metrics))
 
     def on_fit_begin(self, ctx: Context) -> None:
@@ -96,7 +95,7 @@ class MetricsCallback(Callback):
         first = ctx.set_name not in self._seen
         self._seen.add(ctx.set_name)
         self._pending: list[list[tuple[Any, Any]] | None] = [
-            [] if self._buffer and isinstance(m, LanternaMetric) else None for _, m in self._active]
+            [] if self._buffer and isinstance(m, LanternaMetric) and m.fold_batches else None for _, m in self._active]
         self._slots = [(m, getattr(m, "_lanterna_output", None), pending)
                        for (_, m), pending in zip(self._active, self._pending)]
         self._pending_elements = 0
@@ -195,7 +194,7 @@ class MetricsCallback(Callback):
         if self._active and (ctx.target is not None or ctx.dist is not None):
             for key, m in self._active:
                 names.append(key)
-                values.append(m.compute())  # torchmetrics syncs its states across ranks itself
+                values.append(m.compute())  # metrics reduce their states across ranks themselves
         for key, (total, weight) in logs.items():
             names.append(key)
             values.append(total / weight)
@@ -225,7 +224,10 @@ class MetricsCallback(Callback):
         self._loss_sum = state["loss_sum"].to(device=device, dtype=self._loss_sum.dtype)
         self._has_loss, self._count = bool(state["has_loss"]), int(state["count"])
         for (_, m), saved in zip(self._active, state["metrics"]):
-            for k, v in saved["state"].items():
+            if isinstance(m, LanternaMetric):
+                m.load_metric_state(saved["state"])
+                continue
+            for k, v in saved["state"].items():  # a torchmetrics Metric
                 setattr(m, k, [t.to(device) for t in v] if isinstance(v, list) else v.to(device))
             m._update_count = int(saved["updates"])
             m._computed = None

@@ -1,44 +1,251 @@
-"""Metric base class and naming. Metrics are torchmetrics ``Metric`` objects: update / compute / reset."""
+"""Metric base class and naming.
+
+``ln.metrics`` share one small base, :class:`LanternaMetric`: states declared with ``add_state`` (sums, maxima
+or concatenations over samples), ``update`` / ``compute`` / ``reset`` as in torchmetrics, and states reduced
+across processes inside ``compute`` under DDP. It does not import torchmetrics: importing torchmetrics loads
+scipy and matplotlib (+~100 MB of memory, ~1 s), paid only by users who pass a ``torchmetrics.Metric``.
+"""
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Sequence
+import functools
+import sys
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
-from torchmetrics import Metric
+from torch import Tensor, nn
 
-__all__ = ["LanternaMetric", "named", "on_output", "metric_key", "metric_display", "MetricSet", "unique_names"]
+__all__ = ["LanternaMetric", "named", "on_output", "metric_key", "metric_display", "MetricSet", "unique_names",
+           "is_metric"]
+
+_REDUCTIONS = ("sum", "max", "min", "cat")
 
 
-class LanternaMetric(Metric):
-    """Base of ``ln.metrics``: a torchmetrics Metric with a history key and a display name.
+class LanternaMetric(nn.Module):
+    """Base of ``ln.metrics``, and of your own metrics: declare states in ``__init__`` with :meth:`add_state`,
+    fold a batch into them in ``update(pred, target)``, turn them into the value in ``compute()``.
 
-    Subclasses declare sum states, so the value is exact over the epoch (a short last batch weighs by its
-    size) and reduces across processes by summing.
+    States that are sums over samples make the value exact over the epoch (a short last batch weighs by its
+    size) and let lanterna fold many batches into one ``update``; under DDP ``compute`` sees the states of all
+    processes (summed, max/min-reduced or concatenated).
+
+    >>> class MeanError(LanternaMetric):
+    ...     name, display_name = "me", "ME"
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.add_state("total", torch.tensor(0.0, dtype=torch.float64))
+    ...         self.add_state("count", torch.tensor(0.0, dtype=torch.float64))
+    ...     def update(self, pred, target):
+    ...         self.total += (pred - target).sum(dtype=torch.float64)
+    ...         self.count += target.numel()
+    ...     def compute(self):
+    ...         return (self.total / self.count).float()
+    >>> m = MeanError(); m.update(torch.tensor([3.0, 1.0]), torch.tensor([1.0, 1.0])); float(m.compute())
+    1.0
     """
 
     name: str = "metric"
     display_name: str = "Metric"
     higher_is_better: bool | None = None
-    full_state_update = False
+    dist_sync: bool = True  # reduce the states across processes in compute() when a process group is running
+    fold_batches: bool = True  # one update on concatenated batches equals the per-batch updates (fit buffers)
 
-    def _add_sum_states(self, *names: str) -> None:
-        for n in names:
-            self.add_state(n, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+    def __init__(self) -> None:
+        super().__init__()
+        object.__setattr__(self, "_defaults", {})
+        object.__setattr__(self, "_syncing", False)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "compute" in cls.__dict__:
+            cls.compute = _synced(cls.__dict__["compute"])  # type: ignore[method-assign]
+
+    # ------------------------------------------------------------------ states
+    def add_state(self, name: str, default: Tensor | list, dist_reduce_fx: str = "sum") -> None:
+        """Declare a state: a tensor reduced by ``"sum"`` (default), ``"max"`` or ``"min"``, or an empty list of
+        tensors (``dist_reduce_fx="cat"``) that ``compute`` concatenates. ``reset`` puts the default back."""
+        if dist_reduce_fx not in _REDUCTIONS:
+            raise ValueError(f"add_state({name!r}): dist_reduce_fx must be one of {_REDUCTIONS}, "
+                             f"got {dist_reduce_fx!r}.")
+        if isinstance(default, list):
+            if default or dist_reduce_fx != "cat":
+                raise ValueError(f"add_state({name!r}): a list state starts empty and uses dist_reduce_fx='cat'.")
+        elif not isinstance(default, Tensor):
+            raise TypeError(f"add_state({name!r}): the default must be a tensor or [], got {type(default).__name__}.")
+        self._defaults[name] = (default.detach().clone() if isinstance(default, Tensor) else [], dist_reduce_fx)
+        object.__setattr__(self, name, _fresh(self._defaults[name][0]))
+
+    @property
+    def metric_state(self) -> dict[str, Tensor | list[Tensor]]:
+        """The current states by name (lists are copied)."""
+        return {n: (list(v) if isinstance(v, list) else v) for n, v in ((n, getattr(self, n)) for n in self._defaults)}
+
+    def load_metric_state(self, state: dict[str, Any]) -> None:
+        """Put back states read from :attr:`metric_state` (e.g. from a checkpoint), on this metric's device."""
+        for n, v in state.items():
+            if n not in self._defaults:
+                raise KeyError(f"{type(self).__name__} has no state {n!r}; its states are {list(self._defaults)}.")
+            default = self._defaults[n][0]
+            if isinstance(default, list):
+                object.__setattr__(self, n, [t.to(self.device) for t in v])
+            else:
+                object.__setattr__(self, n, v.to(device=default.device, dtype=default.dtype).clone())
+
+    def reset(self) -> None:
+        """Back to the declared defaults (a new epoch)."""
+        for n, (default, _) in self._defaults.items():
+            object.__setattr__(self, n, _fresh(default))
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the states."""
+        for default, _ in self._defaults.values():
+            if isinstance(default, Tensor):
+                return default.device
+        return getattr(self, "_device", torch.device("cpu"))
+
+    def set_dtype(self, dtype: torch.dtype) -> LanternaMetric:
+        """Floating-point states in ``dtype`` (float32 on MPS, which has no float64)."""
+        return self._apply(lambda t: t.to(dtype) if t.is_floating_point() else t)
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> LanternaMetric:
+        super()._apply(fn, recurse)  # type: ignore[call-arg]
+        for n, (default, fx) in list(self._defaults.items()):
+            value = getattr(self, n)
+            if isinstance(default, Tensor):
+                self._defaults[n] = (fn(default), fx)
+                object.__setattr__(self, n, fn(value))
+            else:
+                object.__setattr__(self, n, [fn(t) for t in value])
+        probe = fn(torch.zeros((), device=self.device))  # the target device, for metrics with list states only
+        object.__setattr__(self, "_device", probe.device)
+        return self
+
+    # ------------------------------------------------------------------ the protocol
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        """Fold one batch into the states."""
+        raise NotImplementedError(f"{type(self).__name__} must define update(pred, target).")
+
+    def compute(self) -> Tensor:
+        """The value of the states accumulated since the last reset."""
+        raise NotImplementedError(f"{type(self).__name__} must define compute().")
+
+    def forward(self, pred: Tensor, target: Tensor) -> Tensor:
+        """``metric(pred, target)``, as in torchmetrics: accumulate the batch and return its own value."""
+        saved = self.metric_state
+        self.reset()
+        self.update(pred, target)
+        object.__setattr__(self, "_syncing", True)  # the batch value is this process's own
+        try:
+            value = self.compute()
+        finally:
+            object.__setattr__(self, "_syncing", False)
+        for n, before in saved.items():
+            object.__setattr__(self, n, _MERGE[self._defaults[n][1]](before, getattr(self, n)))
+        return value
 
     def __setattr__(self, name: str, value: Any) -> None:
-        # torchmetrics re-assigns its bookkeeping and the states a dozen times per reset/update/compute; for an
-        # existing plain attribute nn.Module.__setattr__ ends in object.__setattr__ after ~5 µs of checks.
-        if type(value) in _PLAIN_TYPES and name in self.__dict__:
+        # ``self.total += x`` re-assigns the state: skip nn.Module's ~5 µs of checks for plain attributes
+        if name in self.__dict__ and type(value) in _PLAIN_TYPES:
             object.__setattr__(self, name, value)
         else:
             super().__setattr__(name, value)
 
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in vars(self).items()
+                         if not k.startswith("_") and k not in self._defaults and k != "training")
 
-_PLAIN_TYPES = (Tensor, int, float, bool, type(None))  # exact types: a Parameter or Buffer takes the slow path
+
+_PLAIN_TYPES = (Tensor, list, int, float, bool, type(None))  # exact types: a Parameter takes the slow path
+
+
+_MERGE: dict[str, Callable[[Any, Any], Any]] = {
+    "sum": lambda a, b: a + b, "cat": lambda a, b: a + b, "max": torch.maximum, "min": torch.minimum}
+
+
+def _fresh(default: Tensor | list) -> Tensor | list:
+    return default.clone() if isinstance(default, Tensor) else []
+
+
+def _synced(compute: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """Run ``compute`` on the states of all processes when a process group of several is running."""
+
+    @functools.wraps(compute)
+    def wrapper(self: LanternaMetric) -> Any:
+        if self._syncing or not self.dist_sync or _world_size() < 2:
+            return compute(self)
+        local = {n: getattr(self, n) for n in self._defaults}
+        reduced = _all_reduce_states(self)
+        object.__setattr__(self, "_syncing", True)  # a subclass's compute calling super().compute()
+        try:
+            for n, v in reduced.items():
+                object.__setattr__(self, n, v)
+            return compute(self)
+        finally:
+            object.__setattr__(self, "_syncing", False)
+            for n, v in local.items():
+                object.__setattr__(self, n, v)
+
+    return wrapper
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _all_reduce_states(metric: LanternaMetric) -> dict[str, Any]:
+    dist = torch.distributed
+    ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+    out: dict[str, Any] = {}
+    for n, (_, fx) in metric._defaults.items():
+        value = getattr(metric, n)
+        if fx == "cat":
+            out[n] = [_all_gather_rows(value, metric.device)]
+        else:
+            t = value.clone()
+            dist.all_reduce(t, op=ops[fx])
+            out[n] = t
+    return out
+
+
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+           torch.int8, torch.uint8, torch.bool)
+_MAX_DIMS = 8
+
+
+def _all_gather_rows(parts: list[Tensor], device: torch.device) -> Tensor:
+    """The concatenation over all processes (rank order) of each process's list of tensors, some lists empty."""
+    dist = torch.distributed
+    local = torch.cat([p.reshape(1) if p.dim() == 0 else p for p in parts]) if parts else None
+    # header: rows, ndim, dtype index, trailing dims (ndim -1: nothing here)
+    header = torch.full((3 + _MAX_DIMS,), -1, dtype=torch.int64, device=device)
+    if local is not None:
+        if local.dim() > _MAX_DIMS or local.dtype not in _DTYPES:
+            raise ValueError(f"cannot gather a metric state of shape {tuple(local.shape)} and dtype {local.dtype}.")
+        header[0], header[1], header[2] = local.shape[0], local.dim(), _DTYPES.index(local.dtype)
+        header[3:3 + local.dim() - 1] = torch.tensor(local.shape[1:], dtype=torch.int64)
+    headers = [torch.empty_like(header) for _ in range(dist.get_world_size())]
+    dist.all_gather(headers, header)
+    rows = [int(h[0]) if int(h[1]) >= 0 else 0 for h in headers]
+    ref = next((h for h in headers if int(h[1]) >= 0), None)
+    if ref is None:
+        return torch.empty(0, device=device)
+    dtype, trailing = _DTYPES[int(ref[2])], tuple(int(d) for d in ref[3:3 + int(ref[1]) - 1])
+    longest = max(rows)
+    padded = torch.zeros((longest, *trailing), dtype=dtype, device=device)
+    if local is not None:
+        padded[: local.shape[0]] = local.to(device)
+    gathered = [torch.empty_like(padded) for _ in rows]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[:r] for g, r in zip(gathered, rows)])
+
+
+def _add_sum_states(metric: LanternaMetric, *names: str) -> None:
+    for n in names:
+        metric.add_state(n, torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
 
 def _check_same_numel(metric: str, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
@@ -52,7 +259,7 @@ def _check_same_numel(metric: str, pred: Tensor, target: Tensor) -> tuple[Tensor
     )
 
 
-def named(metric: Metric, name: str, *, output: int | str | None = None) -> Metric:
+def named(metric: Any, name: str, *, output: int | str | None = None) -> Any:
     """Give a metric the history key ``name`` (e.g. ``named(MulticlassF1Score(10), "f1")`` → ``valid_f1``);
     ``output`` also binds it to one output of a multi-output model (see :func:`on_output`).
 
@@ -67,7 +274,7 @@ def named(metric: Metric, name: str, *, output: int | str | None = None) -> Metr
     return metric
 
 
-def on_output(metric: Metric, output: int | str) -> Metric:
+def on_output(metric: Any, output: int | str) -> Any:
     """Compute ``metric`` on one output of a multi-output model: an index into a returned tuple or a key of a
     returned dict. The target is taken the same way when it is a tuple/dict (one target per output), else the
     one shared target is used. Without it, metrics see the main output (the first).
@@ -81,7 +288,7 @@ def on_output(metric: Metric, output: int | str) -> Metric:
     return metric
 
 
-def metric_key(metric: Metric) -> str:
+def metric_key(metric: Any) -> str:
     """History key of a metric: its ``named`` name, a lanterna metric's ``name``, or the class name."""
     key = getattr(metric, "_lanterna_name", None)
     if key:
@@ -91,14 +298,14 @@ def metric_key(metric: Metric) -> str:
     return type(metric).__name__.lower()
 
 
-def metric_display(metric: Metric, key: str) -> str:
+def metric_display(metric: Any, key: str) -> str:
     """Name shown on the console (luz's abbreviations for lanterna metrics)."""
     if getattr(metric, "_lanterna_name", None) is None and isinstance(metric, LanternaMetric):
         return metric.display_name + key[len(metric.name):]
     return key
 
 
-def unique_names(metrics: Sequence[Metric]) -> list[str]:
+def unique_names(metrics: Sequence[Any]) -> list[str]:
     """History keys for a list of metrics; repeated names get ``_1``, ``_2`` ... suffixes."""
     seen: dict[str, int] = {}
     out = []
@@ -122,25 +329,34 @@ class MetricSet:
     ['MAE', 'RMSE']
     """
 
-    def __init__(self, train: Iterable[Metric] | None = None, valid: Iterable[Metric] | None = None) -> None:
+    def __init__(self, train: Iterable[Any] | None = None, valid: Iterable[Any] | None = None) -> None:
         self.train = list(train or [])
         self.valid = list(valid or [])
 
 
-def split_metric_spec(metrics: Any) -> tuple[list[Metric], list[Metric]]:
+def is_metric(obj: Any) -> bool:
+    """An ``ln.metrics`` object or a ``torchmetrics.Metric`` (checked without importing torchmetrics: a user
+    who made one has imported it)."""
+    if isinstance(obj, LanternaMetric):
+        return True
+    torchmetrics = sys.modules.get("torchmetrics")
+    return torchmetrics is not None and isinstance(obj, torchmetrics.Metric)
+
+
+def split_metric_spec(metrics: Any) -> tuple[list[Any], list[Any]]:
     """(train metrics, valid metrics) as fresh copies, from a list or a MetricSet."""
     if metrics is None:
         return [], []
     if isinstance(metrics, MetricSet):
         train, valid = metrics.train, metrics.valid
-    elif isinstance(metrics, Metric):
+    elif is_metric(metrics):
         train = valid = [metrics]
     else:
         train = valid = list(metrics)
     for m in [*train, *valid]:
-        if not isinstance(m, Metric):
+        if not is_metric(m):
             raise TypeError(
                 f"metrics must be ln.metrics objects or torchmetrics.Metric instances; got {type(m).__name__}. "
-                "Wrap a plain function in a torchmetrics.Metric subclass."
+                "Write a subclass of ln.metrics.LanternaMetric (add_state, update, compute) for your own metric."
             )
     return [copy.deepcopy(m) for m in train], [copy.deepcopy(m) for m in valid]

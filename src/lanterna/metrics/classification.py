@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torchmetrics.functional.classification import binary_auroc, multiclass_auroc
 
-from .base import LanternaMetric, _check_same_numel
+from .base import LanternaMetric, _add_sum_states, _check_same_numel
 
 __all__ = ["Accuracy", "BinaryAccuracy", "BinaryAccuracyWithLogits", "BinaryAUROC", "MulticlassAUROC"]
 
@@ -15,9 +14,9 @@ class _Correct(LanternaMetric):
     name, display_name = "acc", "Acc"
     higher_is_better = True
 
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self._add_sum_states("correct", "count")
+    def __init__(self) -> None:
+        super().__init__()
+        _add_sum_states(self, "correct", "count")
 
     def _count(self, hits: Tensor) -> None:
         self.correct += hits.sum(dtype=torch.float64)
@@ -50,8 +49,8 @@ class BinaryAccuracy(_Correct):
     0.6667
     """
 
-    def __init__(self, threshold: float = 0.5, **kwargs) -> None:
-        super().__init__(**kwargs)
+    def __init__(self, threshold: float = 0.5) -> None:
+        super().__init__()
         self.threshold = threshold
 
     def update(self, pred: Tensor, target: Tensor) -> None:
@@ -76,17 +75,16 @@ class _Ranked(LanternaMetric):
 
     name, display_name = "auroc", "AUC"
     higher_is_better = True
-    full_state_update = False
 
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
+    def __init__(self) -> None:
+        super().__init__()
         self.add_state("preds", default=[], dist_reduce_fx="cat")
         self.add_state("targets", default=[], dist_reduce_fx="cat")
 
     def _cat(self) -> tuple[Tensor, Tensor]:
-        from torchmetrics.utilities import dim_zero_cat
-
-        return dim_zero_cat(self.preds), dim_zero_cat(self.targets)
+        if not self.preds:
+            raise ValueError(f"{type(self).__name__}.compute() before any update(): there are no scores to rank.")
+        return torch.cat(self.preds), torch.cat(self.targets)
 
 
 class BinaryAUROC(_Ranked):
@@ -97,8 +95,8 @@ class BinaryAUROC(_Ranked):
     0.75
     """
 
-    def __init__(self, from_logits: bool = False, **kwargs) -> None:
-        super().__init__(**kwargs)
+    def __init__(self, from_logits: bool = False) -> None:
+        super().__init__()
         self.from_logits = from_logits
 
     def update(self, pred: Tensor, target: Tensor) -> None:
@@ -108,6 +106,8 @@ class BinaryAUROC(_Ranked):
         self.targets.append((target.reshape(-1) > 0.5).long())
 
     def compute(self) -> Tensor:
+        from torchmetrics.functional.classification import binary_auroc  # imported on first use: see base.py
+
         preds, targets = self._cat()
         return binary_auroc(preds, targets, thresholds=None)
 
@@ -121,8 +121,8 @@ class MulticlassAUROC(_Ranked):
     1.0
     """
 
-    def __init__(self, num_classes: int, average: str | None = "macro", **kwargs) -> None:
-        super().__init__(**kwargs)
+    def __init__(self, num_classes: int, average: str | None = "macro") -> None:
+        super().__init__()
         self.num_classes = num_classes
         self.average = average
 
@@ -136,6 +136,8 @@ class MulticlassAUROC(_Ranked):
         self.targets.append(target.reshape(-1).long())
 
     def compute(self) -> Tensor:
+        from torchmetrics.functional.classification import multiclass_auroc
+
         preds, targets = self._cat()
         return multiclass_auroc(preds, targets, num_classes=self.num_classes, average=self.average,
                                 thresholds=None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import LanternaMetric, _check_same_numel
+from .base import LanternaMetric, _add_sum_states, _check_same_numel
 
 __all__ = ["MAE", "MSE", "RMSE"]
 
@@ -13,9 +13,9 @@ __all__ = ["MAE", "MSE", "RMSE"]
 class _ErrorSum(LanternaMetric):
     higher_is_better = False
 
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self._add_sum_states("error_sum", "count")
+    def __init__(self) -> None:
+        super().__init__()
+        _add_sum_states(self, "error_sum", "count")
 
     def _errors(self, diff: Tensor) -> Tensor:
         return diff.square()
