@@ -8,6 +8,7 @@ scipy and matplotlib (+~100 MB of memory, ~1 s), paid only by users who pass a `
 
 from __future__ import annotations
 
+import abc
 import copy
 import functools
 import sys
@@ -23,7 +24,7 @@ __all__ = ["LanternaMetric", "named", "on_output", "metric_key", "metric_display
 _REDUCTIONS = ("sum", "max", "min", "cat")
 
 
-class LanternaMetric(nn.Module):
+class LanternaMetric(nn.Module, abc.ABC):
     """Base of ``ln.metrics``, and of your own metrics: declare states in ``__init__`` with :meth:`add_state`,
     fold a batch into them in ``update(pred, target)``, turn them into the value in ``compute()``.
 
@@ -124,13 +125,13 @@ class LanternaMetric(nn.Module):
         return self
 
     # ------------------------------------------------------------------ the protocol
+    @abc.abstractmethod
     def update(self, pred: Tensor, target: Tensor) -> None:
         """Fold one batch into the states."""
-        raise NotImplementedError(f"{type(self).__name__} must define update(pred, target).")
 
+    @abc.abstractmethod
     def compute(self) -> Tensor:
         """The value of the states accumulated since the last reset."""
-        raise NotImplementedError(f"{type(self).__name__} must define compute().")
 
     def forward(self, pred: Tensor, target: Tensor) -> Tensor:
         """``metric(pred, target)``, as in torchmetrics: accumulate the batch and return its own value."""
