@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
+from ..core.collectives import all_gather_rows
 from ..data.adapters import loader_options
 from ..data.sources import BatchSource, LoaderBatches, TensorBatches
 
@@ -154,17 +155,9 @@ class Distributed:
 
     def gather_in_order(self, local: Tensor, n_total: int) -> Tensor:
         """Reassemble per-rank results of ``range(n)[rank::world]`` into dataset order (first dim)."""
-        n_local = torch.tensor([local.shape[0]], device=self.device)
-        sizes = [torch.zeros_like(n_local) for _ in range(self.world_size)]
-        dist.all_gather(sizes, n_local)
-        longest = int(max(s.item() for s in sizes))
-        pad = torch.zeros((longest - local.shape[0], *local.shape[1:]), dtype=local.dtype, device=local.device)
-        padded = torch.cat([local, pad]) if len(pad) else local
-        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
-        dist.all_gather(parts, padded.contiguous())
         out = torch.empty((n_total, *local.shape[1:]), dtype=local.dtype, device=local.device)
-        for r, (part, size) in enumerate(zip(parts, sizes)):
-            out[r::self.world_size] = part[: int(size.item())]
+        for r, part in enumerate(all_gather_rows(local, local.device)):
+            out[r::self.world_size] = part
         return out
 
     def barrier(self) -> None:

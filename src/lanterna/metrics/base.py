@@ -11,12 +11,15 @@ from __future__ import annotations
 import abc
 import copy
 import functools
+import operator
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from ..core.collectives import all_gather_rows, world_size
 
 __all__ = ["LanternaMetric", "named", "on_output", "metric_key", "metric_display", "MetricSet", "unique_names",
            "is_metric"]
@@ -81,7 +84,8 @@ class LanternaMetric(nn.Module, abc.ABC):
     @property
     def metric_state(self) -> dict[str, Tensor | list[Tensor]]:
         """The current states by name (lists are copied)."""
-        return {n: (list(v) if isinstance(v, list) else v) for n, v in ((n, getattr(self, n)) for n in self._defaults)}
+        state = {n: getattr(self, n) for n in self._defaults}
+        return {n: list(v) if isinstance(v, list) else v for n, v in state.items()}
 
     def load_metric_state(self, state: dict[str, Any]) -> None:
         """Put back states read from :attr:`metric_state` (e.g. from a checkpoint), on this metric's device."""
@@ -163,7 +167,7 @@ _PLAIN_TYPES = (Tensor, list, int, float, bool, type(None))  # exact types: a Pa
 
 
 _MERGE: dict[str, Callable[[Any, Any], Any]] = {
-    "sum": lambda a, b: a + b, "cat": lambda a, b: a + b, "max": torch.maximum, "min": torch.minimum}
+    "sum": operator.add, "cat": operator.add, "max": torch.maximum, "min": torch.minimum}
 
 
 def _fresh(default: Tensor | list) -> Tensor | list:
@@ -175,7 +179,7 @@ def _synced(compute: Callable[[Any], Any]) -> Callable[[Any], Any]:
 
     @functools.wraps(compute)
     def wrapper(self: LanternaMetric) -> Any:
-        if self._syncing or not self.dist_sync or _world_size() < 2:
+        if self._syncing or not self.dist_sync or world_size() < 2:
             return compute(self)
         local = {n: getattr(self, n) for n in self._defaults}
         reduced = _all_reduce_states(self)
@@ -192,56 +196,23 @@ def _synced(compute: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return wrapper
 
 
-def _world_size() -> int:
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def _all_reduce_states(metric: LanternaMetric) -> dict[str, Any]:
     dist = torch.distributed
     ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
     out: dict[str, Any] = {}
     for n, (_, fx) in metric._defaults.items():
         value = getattr(metric, n)
-        if fx == "cat":
-            out[n] = [_all_gather_rows(value, metric.device)]
+        if fx == "cat":  # one tensor: every process's rows in rank order (a process may have none)
+            local = torch.cat([p.reshape(1) if p.dim() == 0 else p for p in value]) if value else None
+            try:
+                out[n] = [torch.cat(all_gather_rows(local, metric.device))]
+            except ValueError:  # no process has rows: compute() sees an empty list, as without DDP
+                out[n] = []
         else:
             t = value.clone()
             dist.all_reduce(t, op=ops[fx])
             out[n] = t
     return out
-
-
-_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
-           torch.int8, torch.uint8, torch.bool)
-_MAX_DIMS = 8
-
-
-def _all_gather_rows(parts: list[Tensor], device: torch.device) -> Tensor:
-    """The concatenation over all processes (rank order) of each process's list of tensors, some lists empty."""
-    dist = torch.distributed
-    local = torch.cat([p.reshape(1) if p.dim() == 0 else p for p in parts]) if parts else None
-    # header: rows, ndim, dtype index, trailing dims (ndim -1: nothing here)
-    header = torch.full((3 + _MAX_DIMS,), -1, dtype=torch.int64, device=device)
-    if local is not None:
-        if local.dim() > _MAX_DIMS or local.dtype not in _DTYPES:
-            raise ValueError(f"cannot gather a metric state of shape {tuple(local.shape)} and dtype {local.dtype}.")
-        header[0], header[1], header[2] = local.shape[0], local.dim(), _DTYPES.index(local.dtype)
-        header[3:3 + local.dim() - 1] = torch.tensor(local.shape[1:], dtype=torch.int64)
-    headers = [torch.empty_like(header) for _ in range(dist.get_world_size())]
-    dist.all_gather(headers, header)
-    rows = [int(h[0]) if int(h[1]) >= 0 else 0 for h in headers]
-    ref = next((h for h in headers if int(h[1]) >= 0), None)
-    if ref is None:
-        return torch.empty(0, device=device)
-    dtype, trailing = _DTYPES[int(ref[2])], tuple(int(d) for d in ref[3:3 + int(ref[1]) - 1])
-    longest = max(rows)
-    padded = torch.zeros((longest, *trailing), dtype=dtype, device=device)
-    if local is not None:
-        padded[: local.shape[0]] = local.to(device)
-    gathered = [torch.empty_like(padded) for _ in rows]
-    dist.all_gather(gathered, padded)
-    return torch.cat([g[:r] for g, r in zip(gathered, rows)])
 
 
 def _add_sum_states(metric: LanternaMetric, *names: str) -> None:
