@@ -1,6 +1,6 @@
 """A user script run unchanged with `python` or `torchrun` (tests/distributed/test_ddp.py starts it).
 
-Usage: ddp_worker.py MODE OUT_DIR   (MODE: fit | parity | resume | uninterrupted | raise | metrics)
+Usage: ddp_worker.py MODE OUT_DIR   (MODE: fit | parity | resume | uninterrupted | raise | metrics | accumulate)
 """
 
 from __future__ import annotations
@@ -69,6 +69,31 @@ class MaxError(ln.metrics.LanternaMetric):
 
     def compute(self) -> torch.Tensor:
         return self.worst
+
+
+class CountGradAllReduce(ln.Callback):
+    """Counts DDP's gradient all-reduces (a comm hook); ``force_sync`` turns GradientAccumulation's skipping off."""
+
+    order = 1000  # after GradientAccumulation's batch-begin decision
+
+    def __init__(self, force_sync: bool) -> None:
+        self.force_sync = force_sync
+        self.per_epoch: list[int] = []
+
+    def on_train_begin(self, ctx: ln.Context) -> None:
+        if ctx.epoch == 1:
+            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+            def hook(state, bucket):
+                self.per_epoch[-1] += 1
+                return allreduce_hook(None, bucket)
+
+            ctx.forward_model.register_comm_hook(None, hook)
+        self.per_epoch.append(0)
+
+    def on_train_batch_begin(self, ctx: ln.Context) -> None:
+        if self.force_sync:
+            ctx.dist.set_grad_sync(True)
 
 
 class RecordShards(ln.Callback):
@@ -157,6 +182,15 @@ def main() -> None:
             values[name] = metric.compute().tolist()
         (out / f"metrics_{rank}.json").write_text(json.dumps({"values": values, "world": world, "n": hi - lo}))
         dist.destroy_process_group()
+    elif mode == "accumulate":  # 801 samples: shards of 401 and 400, 17 and 16 batches of 25
+        counter = CountGradAllReduce(force_sync=os.environ.get("FORCE_SYNC") == "1")
+        fitted = ln.setup(Net, loss=nn.MSELoss(), optimizer=torch.optim.SGD).set_opt_hparams(lr=0.05).fit(
+            (x[:801], y[:801]), epochs=2, seed=1, verbose=False, dataloader_options={"batch_size": 25},
+            callbacks=[ln.callbacks.GradientAccumulation(2), counter])
+        tag = "forced" if counter.force_sync else "deferred"
+        (out / f"allreduce_{tag}_{rank}.json").write_text(json.dumps(counter.per_epoch))
+        if rank == 0:
+            save_file(dict(fitted.model.state_dict()), str(out / f"weights_{tag}.safetensors"))
     elif mode == "raise":
         setup.fit(train, epochs=3, seed=1, callbacks=[RaiseOnRank1()], verbose=False)
     else:

@@ -119,3 +119,23 @@ def test_standalone_metrics_compute_over_all_ranks_even_a_rank_without_samples(t
         expected = metric.compute().tolist()
         for r in results:
             assert r["values"][name] == pytest.approx(expected, rel=1e-6), (name, r)
+
+
+def test_gradient_accumulation_skips_the_all_reduce_of_deferred_batches(tmp_path: Path) -> None:
+    """One gradient all-reduce per optimizer step (DDP no_sync on the deferred batches); the uneven last group
+    (rank 0 has a 17th batch) syncs; the weights are those of syncing every batch, to float rounding."""
+    for force in ("0", "1"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
+             "accumulate", str(tmp_path)],
+            capture_output=True, text=True, timeout=240,
+            env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "FORCE_SYNC": force})
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    deferred = json.loads((tmp_path / "allreduce_deferred_0.json").read_text())
+    forced = json.loads((tmp_path / "allreduce_forced_0.json").read_text())
+    assert forced == [17, 17]  # one bucket: an all-reduce per batch
+    assert deferred == [9, 9]  # 8 steps on whole groups of 2, then the 17th batch's own step
+    a = load_file(str(tmp_path / "weights_deferred.safetensors"))
+    b = load_file(str(tmp_path / "weights_forced.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)

@@ -21,7 +21,9 @@ class GradientAccumulation(Callback):
     run only on the real steps (on the accumulated gradient), 16-bit mixed precision keeps one scaler update
     per step, per-batch LR schedulers step with the optimizer, and a custom ``step(ctx)`` calling
     ``ctx.backward`` / ``ctx.step_optimizer`` accumulates the same way (``ctx.accumulating`` tells it when the
-    step is deferred). Under DDP the gradients are still all-reduced on every batch.
+    step is deferred). Under DDP the batches whose step is deferred skip the gradient all-reduce (as
+    ``DDP.no_sync`` does): one all-reduce per optimizer step; where shards end unevenly, the last group of an
+    epoch syncs every batch so that all ranks agree.
 
     >>> import lanterna as ln
     >>> cb = ln.callbacks.GradientAccumulation(4)   # batch_size=16 trains like batch_size=64
@@ -35,9 +37,14 @@ class GradientAccumulation(Callback):
                                 "of batches per optimizer step, e.g. GradientAccumulation(4).")
         self.n_batches = n_batches
         self._scale = 1.0
+        self._common: int | None = None  # under DDP: batches that every rank has this epoch
 
     def __repr__(self) -> str:
         return f"GradientAccumulation(n_batches={self.n_batches})"
+
+    def on_train_begin(self, ctx: Context) -> None:
+        if ctx.dist is not None:
+            self._common = None if ctx.num_batches is None else ctx.dist.min_int(ctx.num_batches)
 
     def on_train_batch_begin(self, ctx: Context) -> None:
         i = ctx.iter - 1
@@ -46,12 +53,17 @@ class GradientAccumulation(Callback):
         size = self.n_batches if total is None else min(self.n_batches, total - start)
         ctx.accumulating = i - start + 1 < size
         self._scale = 1.0 / size
+        if ctx.dist is not None:  # skip the all-reduce only inside groups that are whole on every rank
+            ctx.dist.set_grad_sync(not (ctx.accumulating and self._common is not None
+                                        and start + self.n_batches <= self._common))
 
     def on_train_batch_before_backward(self, ctx: Context) -> None:
         if self._scale != 1.0:
             ctx.backward_loss = ctx.backward_loss * self._scale
 
     def on_train_end(self, ctx: Context) -> None:
+        if ctx.dist is not None:
+            ctx.dist.set_grad_sync(True)
         if ctx.accumulating:  # data of unknown length ended inside a group: step on what was accumulated
             ctx.accumulating = False
             ctx.step_optimizer()

@@ -142,7 +142,19 @@ class Distributed:
             return self._ddp.join()
         return contextlib.nullcontext()
 
+    def set_grad_sync(self, enabled: bool) -> None:
+        """Whether the next training forward/backward all-reduces gradients (``DDP.no_sync`` without the
+        ``with``: DDP reads the flag at forward time, before the backward it governs)."""
+        if self._ddp is not None:
+            self._ddp.require_backward_grad_sync = enabled
+
     # ----------------------------------------------------------------- collectives
+    def min_int(self, n: int) -> int:
+        """The smallest ``n`` over all ranks."""
+        t = torch.tensor([n], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return int(t.item())
+
     def all_reduce_sum(self, t: Tensor) -> Tensor:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
