@@ -19,7 +19,7 @@ import lanterna as ln
 from lanterna.io import checkpoint as ckpt_io
 from lanterna.io import load_checkpoint
 
-TIMING = ("epoch_time", "samples_per_s")
+TIMING = ("epoch_time",)
 
 
 def _strip(history):

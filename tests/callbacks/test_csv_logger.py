@@ -35,7 +35,7 @@ def test_one_row_per_epoch_with_history_keys_as_columns(tmp_path):
     header, rows = _rows(path)
     assert header == list(fitted.history[0])
     assert header[:2] == ["epoch", "lr"] and {"train_loss", "train_mae", "valid_loss", "valid_mae",
-                                             "epoch_time", "samples_per_s"} <= set(header)
+                                             "epoch_time"} <= set(header)
     assert len(rows) == 3
     for row, rec in zip(rows, fitted.history, strict=True):
         assert int(row["epoch"]) == rec["epoch"]

@@ -121,12 +121,14 @@ def test_ctx_log_is_averaged_and_reaches_history_printer_and_loggers(tmp_path, c
     assert "train_it" in header and "valid_const" in header
 
 
-def test_epoch_time_samples_per_s_and_lr_recorded_without_any_callback():
+def test_history_records_hold_the_contract_keys_exactly():
+    """API.md §3: epoch, <set>_loss, <set>_<metric>, lr, epoch_time (plus ctx.log values), nothing else."""
     x, y = _data(40)
-    fitted = ln.setup(nn.Linear, loss=nn.MSELoss()).set_hparams(in_features=3, out_features=1).set_opt_hparams(
-        lr=0.03).fit((x, y), epochs=2, verbose=False)
+    fitted = ln.setup(nn.Linear, loss=nn.MSELoss(), metrics=[ln.metrics.MAE()]).set_hparams(
+        in_features=3, out_features=1).set_opt_hparams(lr=0.03).fit((x, y), epochs=2, valid_data=0.25, verbose=False)
     for rec in fitted.history:
-        assert rec["epoch_time"] > 0 and rec["samples_per_s"] > 0
+        assert set(rec) == {"epoch", "train_loss", "train_mae", "valid_loss", "valid_mae", "lr", "epoch_time"}
+        assert rec["epoch_time"] > 0
         assert rec["lr"] == pytest.approx(0.03)
 
 

@@ -15,7 +15,7 @@ import lanterna as ln
 from lanterna.core.callback import Hooks
 from lanterna.core.events import HOOKS
 
-TIMING = {"epoch_time", "samples_per_s"}
+TIMING = {"epoch_time"}
 
 
 def luz(**opt):

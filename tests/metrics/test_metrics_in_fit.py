@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lanterna as ln
 
-TIMING = {"epoch_time", "samples_per_s"}
+TIMING = {"epoch_time"}
 
 
 

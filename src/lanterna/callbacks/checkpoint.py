@@ -249,6 +249,7 @@ class ModelCheckpoint(Callback):
     """
 
     order = 1100
+    runs_last = True
 
     def __init__(
         self,
@@ -417,6 +418,7 @@ class AutoResume(Callback):
     """
 
     order = 1200
+    runs_last = True
 
     def __init__(self, path: str | os.PathLike[str] = "checkpoints/resume/", keep_last: int = 2,
                  handle_sigterm: bool = True) -> None:

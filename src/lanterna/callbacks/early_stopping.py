@@ -37,6 +37,7 @@ class EarlyStopping(Callback):
     """
 
     order = 1000
+    runs_last = True
 
     def __init__(
         self,

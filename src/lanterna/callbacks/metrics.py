@@ -11,7 +11,6 @@ shape error still surfaces at the first batch. Other torchmetrics are updated ev
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -100,7 +99,6 @@ class MetricsCallback(Callback):
                        for (_, m), pending in zip(self._active, self._pending)]
         self._pending_elements = 0
         self._direct = first  # the set's first batch is updated at once (errors at the first batch)
-        self._t0 = time.perf_counter()
         ctx.pop_logs()
 
     on_train_begin = _begin
@@ -201,9 +199,6 @@ class MetricsCallback(Callback):
         prefix = ctx.set_name + "_"
         for name, value in zip(names, _to_python(values)):
             ctx.record[prefix + name] = value
-        if ctx.training:
-            elapsed = time.perf_counter() - self._t0
-            ctx.record["samples_per_s"] = count / elapsed if elapsed > 0 else float("nan")
 
     on_train_end = _end
     on_valid_end = _end

@@ -39,6 +39,8 @@ class Callback:
     GradientClip 100, LRScheduler 500, CSVLogger and TensorBoard 600, KeepBestModel 700, LRRecorder and
     OptunaPruning 900, EarlyStopping 1000, ModelCheckpoint 1100, AutoResume 1200: metrics before yours,
     yours before the scheduler, loggers and checkpoints, so that a checkpoint sees the epoch's final state.
+    Those last three set ``runs_last = True``: they run after every other callback whatever its ``order``
+    (and among themselves by ``order``).
     A callback with state implements ``state_dict()`` / ``load_state_dict()`` and checkpoints store it.
 
     >>> import lanterna as ln
@@ -48,6 +50,7 @@ class Callback:
     """
 
     order: int = 0
+    runs_last: bool = False  # after all callbacks without it, whatever their order (stopping and checkpoints)
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -94,7 +97,7 @@ class Hooks:
     """
 
     def __init__(self, callbacks: Iterable[Callback]) -> None:
-        self.callbacks = sorted(callbacks, key=lambda cb: getattr(cb, "order", 0))
+        self.callbacks = sorted(callbacks, key=lambda cb: (getattr(cb, "runs_last", False), getattr(cb, "order", 0)))
         self.table: dict[str, tuple[Callable[[Context], None], ...]] = {}
         for hook in HOOKS:
             fns = tuple(

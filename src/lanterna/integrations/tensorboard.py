@@ -50,10 +50,10 @@ class TensorBoard(Callback):
     checkpoints and early stopping).
 
     Layout (Keras's): ``<log_dir>/train`` holds ``loss``, each training metric (``acc``, ``mae`` …) and
-    ``ctx.log`` value, the learning rate ``lr`` (``lr_<name>`` for several optimizers), ``epoch_time``
-    and ``samples_per_s``; ``<log_dir>/valid`` holds the validation ``loss`` and metrics. The step is the
-    epoch. Point TensorBoard at ``log_dir`` (``tensorboard --logdir runs``) and each chart shows the train
-    and valid curves together. A metric with several values (per class) is written as ``<name>/<i>``.
+    ``ctx.log`` value and the learning rate ``lr`` (``lr_<name>`` for several optimizers);
+    ``<log_dir>/valid`` holds the validation ``loss`` and metrics. The step is the epoch. Point TensorBoard
+    at ``log_dir`` (``tensorboard --logdir runs``) and each chart shows the train and valid curves together.
+    A metric with several values (per class) is written as ``<name>/<i>``.
 
     Writers are created at the first epoch end, so a resumed fit (``AutoResume``) writes into the same
     ``log_dir`` with a purge step that hides points of epochs trained again. Only the main process writes.
@@ -110,12 +110,14 @@ class TensorBoard(Callback):
         epoch = int(record.get("epoch", ctx.epoch))
         train = self._writer("train")
         for key, value in record.items():
-            if key == "epoch":
-                continue
             if key.startswith("valid_"):
                 writer, tag = self._writer("valid"), key[len("valid_"):]
-            else:
-                writer, tag = train, key[len("train_"):] if key.startswith("train_") else key
+            elif key.startswith("train_"):
+                writer, tag = train, key[len("train_"):]
+            elif key == "lr" or key.startswith("lr_"):
+                writer, tag = train, key
+            else:  # epoch, epoch_time: bookkeeping, not a curve to overlay
+                continue
             _add_scalars(writer, tag, value, epoch)
         if self.histogram_freq and epoch % self.histogram_freq == 0:
             for name, p in ctx.model.named_parameters():
