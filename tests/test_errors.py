@@ -219,3 +219,14 @@ def test_a_callback_class_instead_of_an_instance_is_refused():
 
     with pytest.raises(LanternaError, match="Did you pass a class instead of an instance"):
         fit(nn.MSELoss(), torch.randn(40, 1), callbacks=[Noop])
+
+
+def test_evaluate_without_a_loss_or_metrics_says_so_and_how_to_fix():
+    x, y = torch.randn(20, 3), torch.randn(20, 1)
+    fitted = ln.setup(Net, loss=nn.MSELoss()).fit((x, y), epochs=1, verbose=False)
+    bare = ln.Fitted(fitted.model, None, [])
+    with pytest.raises(DataError, match=r"no loss and no metrics.*ln\.load\(path, loss=nn\.MSELoss\(\)\)"):
+        bare.evaluate((x, y))
+    with pytest.raises(DataError, match=r"the data has no targets"):
+        fitted.evaluate(x)
+    assert set(bare.evaluate((x, y), metrics=[ln.metrics.MAE()]).metrics) == {"mae"}

@@ -199,7 +199,12 @@ class Setup:
             opt.zero_grad(set_to_none=True)
 
         t0 = time.perf_counter()
-        fit_loop(ctx)
+        try:
+            fit_loop(ctx)
+        finally:
+            for src in (train_src, valid_src):
+                if src is not None:
+                    src.close()
         return Fitted(
             model=model, setup=self, history=ctx.history, optimizers=optimizers, accelerator=acc,
             forward_model=eval_forward_model, loss_fn=loss_fn, metrics=valid_metrics or train_metrics,

@@ -119,11 +119,16 @@ class Fitted:
         ctx = self._context()
         self.model.eval()
         non_blocking = self.accelerator.device.type == "cuda"
+        # under autocast the outputs come in 16 bits; predictions are given in the model's own float32
+        mixed = self.accelerator.precision in ("bf16-mixed", "16-mixed")
         outs: list[Any] = []
-        with torch.no_grad():
-            for batch in source:
-                inputs, _ = split_batch(batch)
-                outs.append(_to_cpu(ctx._forward(inputs), non_blocking))
+        try:
+            with torch.no_grad():
+                for batch in source:
+                    inputs, _ = split_batch(batch)
+                    outs.append(_to_cpu(ctx._forward(inputs), non_blocking, mixed))
+        finally:
+            source.close()
         if non_blocking:
             torch.cuda.synchronize(self.accelerator.device)
         if self.distributed is not None:  # every rank gets all predictions, in dataset order
@@ -147,14 +152,19 @@ class Fitted:
         ctx.hooks = Hooks([MetricsCallback([], split_metric_spec(metric_list)[1])])
         ctx.hooks.on_fit_begin(ctx)
         ctx.record = {}
-        run_phase(ctx, training=False)
+        try:
+            run_phase(ctx, training=False)
+        finally:
+            source.close()
         self.model.eval()
         values = {k[len("test_"):]: v for k, v in ctx.record.items() if k.startswith("test_")}
-        if not values:
+        if not values and self.loss_fn is None and not metric_list:
             raise DataError(
-                "evaluate() found nothing to compute: the data has no targets (pass (x, y), not x alone), "
-                "or there is neither a loss nor a metric."
+                "evaluate() has nothing to compute: this Fitted has no loss and no metrics (a loaded model whose "
+                "loss was not rebuilt?). Pass metrics=[...], or ln.load(path, loss=nn.MSELoss()) for a loss."
             )
+        if not values:
+            raise DataError("evaluate() found nothing to compute: the data has no targets (pass (x, y), not x alone).")
         return Evaluation(values)
 
     # ------------------------------------------------------------------ history
@@ -230,13 +240,15 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _to_cpu(obj: Any, non_blocking: bool) -> Any:
+def _to_cpu(obj: Any, non_blocking: bool, to_float32: bool = False) -> Any:
     if isinstance(obj, Tensor):
+        if to_float32 and obj.dtype in (torch.float16, torch.bfloat16):
+            obj = obj.float()
         return obj.detach().to("cpu", non_blocking=non_blocking)
     if isinstance(obj, Mapping):
-        return {k: _to_cpu(v, non_blocking) for k, v in obj.items()}
+        return {k: _to_cpu(v, non_blocking, to_float32) for k, v in obj.items()}
     if isinstance(obj, (tuple, list)):
-        return type(obj)(_to_cpu(v, non_blocking) for v in obj)
+        return type(obj)(_to_cpu(v, non_blocking, to_float32) for v in obj)
     return obj
 
 

@@ -201,3 +201,23 @@ def test_a_batch_sampler_option_sets_the_batches_of_a_dataset():
     assert [b[0].tolist() for b in src] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
     valid = make_source(ds, train=False, options={"batch_sampler": sampler, "shuffle": False, "drop_last": False})
     assert len(list(valid)) == 4
+
+
+def test_persistent_workers_of_loaders_lanterna_builds_end_with_fit_and_predict():
+    """With ``persistent_workers`` in dataloader_options, lanterna owns the loaders: their workers stop when
+    fit / predict return. A user's own DataLoader keeps its workers (the user may iterate it again)."""
+    import multiprocessing
+
+    import lanterna as ln
+
+    ds = PairDataset(torch.randn(64, 3), torch.randn(64, 1))
+    before = set(multiprocessing.active_children())
+    options = {"batch_size": 16, "num_workers": 2, "persistent_workers": True}
+    fitted = ln.setup(torch.nn.Linear, loss=torch.nn.MSELoss()).set_hparams(in_features=3, out_features=1).fit(
+        ds, epochs=2, valid_data=ds, verbose=False, dataloader_options=options)
+    fitted.predict(ds, dataloader_options=options)
+    assert set(multiprocessing.active_children()) - before == set()
+    user = DataLoader(ds, batch_size=16, num_workers=1, persistent_workers=True)
+    fitted.predict(user)
+    assert len(set(multiprocessing.active_children()) - before) == 1
+    del user

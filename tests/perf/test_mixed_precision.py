@@ -63,7 +63,7 @@ def test_mixed_precision_reaches_the_noise_floor(precision, dtype, scaler, devic
     assert mixed.history[0]["train_loss"] > 1.5 * last["train_loss"], "it trained"
     x, _ = make_luz_data(n=1000)
     pred = mixed.predict(x[:10])
-    assert pred.dtype in (torch.float32, dtype) and pred.device.type == "cpu"
+    assert pred.dtype == torch.float32 and pred.device.type == "cpu"  # 16-bit autocast outputs, given as float32
 
 
 def test_unknown_precision_is_refused_with_the_choices():

@@ -56,7 +56,7 @@ class Noisy(Dataset):
 
 
 class Progress(ln.Callback):
-    order = 5000  # after AutoResume: END e is written once epoch e's checkpoint is durable
+    runs_last, order = True, 5000  # after AutoResume: END e is written once epoch e's checkpoint is durable
 
     def _write(self, line):
         with open(WORK / "progress.txt", "a") as f:

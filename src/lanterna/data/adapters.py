@@ -374,4 +374,8 @@ def _split_loader(dl: DataLoader, fraction: float, gen: torch.Generator) -> tupl
     shuffle = isinstance(dl.sampler, RandomSampler)
     train_dl = DataLoader(Subset(dl.dataset, tr.tolist()), shuffle=shuffle, **opts)
     valid_dl = DataLoader(Subset(dl.dataset, va.tolist()), shuffle=False, **{**opts, "drop_last": False})
-    return _from_loader(train_dl, "training data"), _from_loader(valid_dl, "validation data")
+    train_src, valid_src = _from_loader(train_dl, "training data"), _from_loader(valid_dl, "validation data")
+    for src in (train_src, valid_src):
+        if isinstance(src, LoaderBatches):
+            src.owned = True
+    return train_src, valid_src

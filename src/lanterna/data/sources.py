@@ -41,6 +41,9 @@ class BatchSource:
     def to_device(self, device: torch.device) -> BatchSource:
         return self
 
+    def close(self) -> None:
+        """Release what the source holds between epochs (worker processes); called when fit/predict ends."""
+
 
 class TensorBatches(BatchSource):
     """Batches by index slicing of in-memory tensors, reshuffled every epoch.
@@ -153,10 +156,11 @@ class LoaderBatches(BatchSource):
     """
 
     def __init__(self, loader: DataLoader, device: torch.device | None = None,
-                 build: tuple[Any, dict[str, Any], frozenset[str]] | None = None) -> None:
+                 build: tuple[Any, dict[str, Any], frozenset[str]] | None = None, owned: bool | None = None) -> None:
         self.loader = loader
         self.device = device
         self.build = build
+        self.owned = build is not None if owned is None else owned  # lanterna built the loader: it may close it
         try:
             self.num_samples = len(loader.dataset)  # type: ignore[arg-type]
         except TypeError:
@@ -189,6 +193,15 @@ class LoaderBatches(BatchSource):
             if tuned != options:
                 self.loader = DataLoader(dataset, **tuned)
         return self
+
+    def close(self) -> None:
+        """Stop the persistent workers of a loader lanterna built (a user's own loader keeps them)."""
+        iterator = getattr(self.loader, "_iterator", None) if self.owned else None
+        if iterator is not None:
+            shutdown = getattr(iterator, "_shutdown_workers", None)
+            if callable(shutdown):
+                shutdown()
+            self.loader._iterator = None
 
     def __iter__(self) -> Iterator[Any]:
         device = self.device

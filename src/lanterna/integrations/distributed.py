@@ -127,7 +127,8 @@ class Distributed:
                 return source
             shuffle = train and type(dl.sampler).__name__ == "RandomSampler"
             sampler = ShardSampler(len(dl.dataset), self.rank, self.world_size, shuffle=shuffle, seed=self.seed)
-            return LoaderBatches(DataLoader(dl.dataset, sampler=sampler, **loader_options(dl)), source.device)
+            return LoaderBatches(DataLoader(dl.dataset, sampler=sampler, **loader_options(dl)), source.device,
+                                 owned=True)
         return source
 
     @staticmethod
