@@ -114,6 +114,7 @@ class Fitted:
         """Predictions as a CPU tensor concatenated over batches (a tuple/dict for multi-output models).
 
         Eval mode, no autograd, batches moved to the device one at a time. ``predict((x, y))`` ignores y.
+        Under mixed precision the 16-bit outputs of autocast are returned as float32.
         """
         source = self._source(data, dataloader_options, "prediction data")
         ctx = self._context()
