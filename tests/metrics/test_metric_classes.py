@@ -197,13 +197,15 @@ def test_a_custom_metric_from_the_base_class_trains_and_validates_states():
 
 
 def test_ln_metrics_do_not_import_torchmetrics():
-    """torchmetrics pulls scipy and matplotlib (+~100 MB): ln.metrics (but AUROC's compute) never import it."""
+    """torchmetrics pulls scipy and matplotlib (+~100 MB): ln.metrics never import it."""
     code = (
         "import sys, torch, lanterna as ln\n"
         "x = torch.randn(64, 3); y = x.sum(1, keepdim=True)\n"
         "ln.setup(torch.nn.Linear, metrics=[ln.metrics.MAE(), ln.metrics.RMSE()], loss=torch.nn.MSELoss())"
         ".set_hparams(in_features=3, out_features=1).fit((x, y), epochs=2, valid_data=0.25, verbose=False)\n"
         "c = torch.randn(64, 4); ln.metrics.Accuracy().update(c, c.argmax(1))\n"
+        "a = ln.metrics.MulticlassAUROC(4); a.update(c, c.argmax(1)); a.compute()\n"
+        "b = ln.metrics.BinaryAUROC(); b.update(x[:, 0], (y[:, 0] > 0).long()); b.compute()\n"
         "print(sorted(m for m in ('torchmetrics', 'scipy', 'matplotlib') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -228,3 +230,39 @@ def test_history_keys_are_lowercase_and_display_names_follow_luz(metric, key, di
     assert ln.metrics.metric_key(metric) == key
     assert ln.metrics.metric_display(metric, key) == display
     assert metric.higher_is_better is higher
+
+
+def test_auroc_is_exact_with_ties_saturated_logits_and_absent_classes():
+    g = torch.Generator().manual_seed(7)
+    scores = torch.randint(0, 5, (200,), generator=g).float()  # many ties
+    target = (torch.rand(200, generator=g) < 0.3 + 0.1 * scores).long()
+    got = float(feed(ln.metrics.BinaryAUROC(), scores, target, chunks=(64, 64, 72)))
+    assert got == pytest.approx(roc_auc_score(target.numpy(), scores.numpy()), rel=1e-6)
+    # logits far in the tails: a sigmoid would tie them all at 0.0 / 1.0; the ranking keeps them apart
+    logits = torch.tensor([30.0, 40.0, 50.0, -30.0, -40.0, -50.0])
+    labels = torch.tensor([0, 1, 1, 0, 0, 1])
+    assert float(feed(ln.metrics.BinaryAUROC(from_logits=True), logits, labels, chunks=(6,))) == pytest.approx(
+        roc_auc_score(labels.numpy(), logits.numpy()))
+    assert torch.isnan(feed(ln.metrics.BinaryAUROC(), scores[:5], torch.zeros(5), chunks=(5,)))  # one class only
+
+    probs = torch.softmax(torch.randn(120, 4, generator=g), dim=1)
+    classes = torch.randint(0, 3, (120,), generator=g)  # class 3 never occurs
+    per_class = feed(ln.metrics.MulticlassAUROC(4, average=None), probs, classes, chunks=(50, 70))
+    assert torch.isnan(per_class[3])
+    ref = [roc_auc_score((classes == c).numpy(), probs[:, c].numpy()) for c in range(3)]
+    assert per_class[:3].tolist() == pytest.approx(ref, rel=1e-6)
+    macro = float(feed(ln.metrics.MulticlassAUROC(4), probs, classes, chunks=(50, 70)))
+    assert macro == pytest.approx(np.mean(ref), rel=1e-6)
+    support = np.bincount(classes.numpy(), minlength=3)
+    weighted = float(feed(ln.metrics.MulticlassAUROC(4, average="weighted"), probs, classes, chunks=(50, 70)))
+    assert weighted == pytest.approx(np.average(ref, weights=support), rel=1e-6)
+    with pytest.raises(ValueError, match="use 'macro', 'weighted' or None"):
+        ln.metrics.MulticlassAUROC(4, average="micro")
+
+
+def test_multiclass_auroc_of_logits_is_that_of_their_softmax_as_in_torchmetrics(multiclass):
+    scores, target = multiclass  # raw logits, values outside [0, 1]
+    got = float(feed(ln.metrics.MulticlassAUROC(num_classes=4), scores * 3, target))
+    assert got == pytest.approx(float(multiclass_auroc(scores * 3, target, num_classes=4, thresholds=None)), rel=1e-6)
+    probs = torch.softmax(scores * 3, dim=1)
+    assert got == pytest.approx(roc_auc_score(target.numpy(), probs.numpy(), multi_class="ovr"), rel=1e-6)

@@ -70,6 +70,20 @@ class BinaryAccuracyWithLogits(BinaryAccuracy):
         super().update(torch.sigmoid(pred), target)
 
 
+def _auroc(scores: Tensor, positive: Tensor) -> Tensor:
+    """Exact area under the ROC curve: the Mann-Whitney statistic with average ranks for tied scores (what
+    trapezoids through every threshold give, as in scikit-learn). NaN when one class is absent."""
+    order = torch.argsort(scores)
+    _, inverse, counts = torch.unique_consecutive(scores[order], return_inverse=True, return_counts=True)
+    counts = counts.double()
+    mid_rank = counts.cumsum(0) - (counts - 1) / 2  # 1-based average rank of each group of tied scores
+    pos = positive[order]
+    n_pos = pos.sum(dtype=torch.float64)
+    n_neg = scores.numel() - n_pos
+    auc = (mid_rank[inverse][pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    return torch.where((n_pos > 0) & (n_neg > 0), auc, torch.full_like(auc, float("nan")))
+
+
 class _Ranked(LanternaMetric):
     """AUROC needs every score of the epoch: concatenated states (exact, reduced by gathering)."""
 
@@ -88,7 +102,9 @@ class _Ranked(LanternaMetric):
 
 
 class BinaryAUROC(_Ranked):
-    """Area under the ROC curve for binary targets; ``from_logits=True`` for raw scores.
+    """Area under the ROC curve for binary targets (exact, ties averaged); ``from_logits=True`` for raw scores
+    (the ranking, hence the value, is the same: logits are kept as they are, with no sigmoid to saturate).
+    NaN when the epoch has only one class.
 
     >>> m = BinaryAUROC(); m.update(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0, 0, 1, 1]))
     >>> float(m.compute())
@@ -101,19 +117,19 @@ class BinaryAUROC(_Ranked):
 
     def update(self, pred: Tensor, target: Tensor) -> None:
         pred, target = _check_same_numel("BinaryAUROC", pred, target)
-        pred = pred.detach().float().reshape(-1)
-        self.preds.append(torch.sigmoid(pred) if self.from_logits else pred)
-        self.targets.append((target.reshape(-1) > 0.5).long())
+        self.preds.append(pred.detach().float().reshape(-1))
+        self.targets.append(target.reshape(-1) > 0.5)
 
     def compute(self) -> Tensor:
-        from torchmetrics.functional.classification import binary_auroc  # imported on first use: see base.py
-
         preds, targets = self._cat()
-        return binary_auroc(preds, targets, thresholds=None)
+        return _auroc(preds, targets).float()
 
 
 class MulticlassAUROC(_Ranked):
-    """One-vs-rest AUROC over ``num_classes`` classes from scores (N, C), averaged (``"macro"``).
+    """One-vs-rest AUROC over ``num_classes`` classes from probabilities (N, C), or logits (any value outside
+    [0, 1]: a softmax is applied, as torchmetrics does): ``average="macro"`` (the mean over
+    classes), ``"weighted"`` (by each class's number of samples) or None (one value per class). A class absent
+    from the epoch's targets has no AUROC (NaN) and is left out of the averages.
 
     >>> m = MulticlassAUROC(num_classes=2)
     >>> m.update(torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]]), torch.tensor([0, 1, 1]))
@@ -123,6 +139,8 @@ class MulticlassAUROC(_Ranked):
 
     def __init__(self, num_classes: int, average: str | None = "macro") -> None:
         super().__init__()
+        if average not in ("macro", "weighted", None, "none"):
+            raise ValueError(f"MulticlassAUROC(average={average!r}): use 'macro', 'weighted' or None.")
         self.num_classes = num_classes
         self.average = average
 
@@ -136,8 +154,13 @@ class MulticlassAUROC(_Ranked):
         self.targets.append(target.reshape(-1).long())
 
     def compute(self) -> Tensor:
-        from torchmetrics.functional.classification import multiclass_auroc
-
         preds, targets = self._cat()
-        return multiclass_auroc(preds, targets, num_classes=self.num_classes, average=self.average,
-                                thresholds=None)
+        if bool(((preds < 0) | (preds > 1)).any()):  # logits: one-vs-rest ranks need probabilities (softmax)
+            preds = preds.softmax(dim=1)
+        per_class = torch.stack([_auroc(preds[:, c], targets == c) for c in range(self.num_classes)])
+        if self.average in (None, "none"):
+            return per_class.float()
+        defined = ~per_class.isnan()
+        weights = defined.double() if self.average == "macro" else torch.bincount(
+            targets, minlength=self.num_classes)[: self.num_classes].double() * defined
+        return ((per_class.nan_to_num() * weights).sum() / weights.sum()).float()
