@@ -27,6 +27,35 @@ class Net(nn.Module):
         return self.net(x)
 
 
+class Canary(nn.Module):
+    """Counts forward calls and folds every batch it sees into an order-sensitive trace (buffers: they are
+    checkpointed with the weights), so a repeated or skipped batch after a resume shows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 1))
+        self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("trace", torch.zeros((), dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        self.trace.mul_(1.0001).add_(x.double().sum())
+        return self.net(x)
+
+
+class NoisyDataset(Dataset):
+    """A map-style dataset (the DataLoader path) whose samples draw noise from the global RNG."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[i] + 0.01 * torch.randn(3), self.y[i]
+
+
 class MLPClassifier(nn.Module):
     """A small classifier: d_in → d_hidden → ReLU → n_classes scores."""
 

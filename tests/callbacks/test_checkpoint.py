@@ -11,9 +11,9 @@ import signal
 
 import pytest
 import torch
-from conftest import Net, make_luz_data
+from conftest import Canary, Net, NoisyDataset, make_luz_data
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 import lanterna as ln
 from lanterna.io import checkpoint as ckpt_io
@@ -114,35 +114,6 @@ def test_unknown_monitor_and_unwritable_folder_fail_before_the_first_batch(tmp_p
 # ---------------------------------------------------------------------------- AutoResume: parity
 
 
-class Canary(nn.Module):
-    """Counts forward calls and folds every batch it sees into an order-sensitive trace (buffers: they are
-    checkpointed with the weights), so a repeated or skipped batch after a resume shows."""
-
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 1))
-        self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
-        self.register_buffer("trace", torch.zeros((), dtype=torch.float64))
-
-    def forward(self, x):
-        self.calls += 1
-        self.trace.mul_(1.0001).add_(x.double().sum())
-        return self.net(x)
-
-
-class Jitter(Dataset):
-    """A map-style dataset (the DataLoader path) whose samples draw from the global RNG."""
-
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return self.x[i] + 0.01 * torch.randn(3), self.y[i]
-
-
 class Crash(ln.Callback):
     def __init__(self, epoch, batch):
         self.at = (epoch, batch)
@@ -181,8 +152,8 @@ def _fit(kind, callbacks=(), epochs=5, seed=3, **kw):
         data = {"data": (X, Y), "valid_data": 0.2, "seed": seed}
     else:
         torch.manual_seed(seed)
-        data = {"data": DataLoader(Jitter(X[:240], Y[:240]), batch_size=32, shuffle=True),
-                "valid_data": DataLoader(Jitter(X[240:], Y[240:]), batch_size=25), "seed": seed}
+        data = {"data": DataLoader(NoisyDataset(X[:240], Y[:240]), batch_size=32, shuffle=True),
+                "valid_data": DataLoader(NoisyDataset(X[240:], Y[240:]), batch_size=25), "seed": seed}
     sched = ln.callbacks.LRScheduler(torch.optim.lr_scheduler.OneCycleLR, max_lr=0.05, call_on="on_train_batch_end")
     return setup.fit(epochs=epochs, verbose=False, callbacks=[sched, LogPred(), *callbacks], **{**data, **kw})
 

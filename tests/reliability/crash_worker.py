@@ -17,9 +17,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 import lanterna as ln
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+from conftest import Canary, NoisyDataset  # noqa: E402
 
 torch.set_num_threads(1)
 DATA, MODE, WORK = sys.argv[1], sys.argv[2], Path(sys.argv[3])
@@ -27,32 +30,12 @@ EPOCHS = 10
 DELAY = 0.015  # seconds per forward: epochs (~0.2 s) long enough to be killed inside, no CPU burnt
 
 
-class Canary(nn.Module):
-    """Counts forward calls and folds every batch into an order-sensitive trace; both are buffers, so they
-    are checkpointed: a batch repeated or skipped after a resume changes them."""
-
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 1))
-        self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
-        self.register_buffer("trace", torch.zeros((), dtype=torch.float64))
+class SlowCanary(Canary):
+    """conftest's Canary, slowed so that an epoch lasts long enough to be killed inside it."""
 
     def forward(self, x):
-        self.calls += 1
-        self.trace.mul_(1.0001).add_(x.double().sum())
         time.sleep(DELAY)
-        return self.net(x)
-
-
-class Noisy(Dataset):
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return self.x[i] + 0.01 * torch.randn(3), self.y[i]
+        return super().forward(x)
 
 
 class Progress(ln.Callback):
@@ -117,12 +100,12 @@ def main():
     if DATA == "memory":
         data = {"data": (x, y), "valid_data": 0.2, "dataloader_options": {"batch_size": 32}}
     else:
-        data = {"data": DataLoader(Noisy(x[:256], y[:256]), batch_size=32, shuffle=True, num_workers=2),
-                "valid_data": DataLoader(Noisy(x[256:], y[256:]), batch_size=32)}
+        data = {"data": DataLoader(NoisyDataset(x[:256], y[:256]), batch_size=32, shuffle=True, num_workers=2),
+                "valid_data": DataLoader(NoisyDataset(x[256:], y[256:]), batch_size=32)}
     callbacks = [Progress(), ln.callbacks.LRScheduler(torch.optim.lr_scheduler.StepLR, step_size=3, gamma=0.7)]
     if MODE == "resume":
         callbacks.append(ln.callbacks.AutoResume(WORK / "state"))
-    fitted = ln.setup(Canary, loss=nn.MSELoss(), metrics=[ln.metrics.MAE()]).set_opt_hparams(lr=0.01).fit(
+    fitted = ln.setup(SlowCanary, loss=nn.MSELoss(), metrics=[ln.metrics.MAE()]).set_opt_hparams(lr=0.01).fit(
         epochs=EPOCHS, seed=7, verbose=False, callbacks=callbacks, **data)
     history = [{k: v for k, v in r.items() if k != "epoch_time"} for r in fitted.history]
     torch.save({"state": fitted.model.state_dict(), "history": history}, WORK / "result.pt")

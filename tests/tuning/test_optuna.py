@@ -23,15 +23,8 @@ optuna = pytest.importorskip("optuna")
 
 HERE = Path(__file__).parent
 SRC = HERE.parents[1] / "src"
-
-
-class Clf(nn.Module):
-    def __init__(self, n_hidden: int = 16) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(4, n_hidden), nn.ReLU(), nn.Linear(n_hidden, 3))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+sys.path.insert(0, str(HERE))
+from optuna_worker import Clf  # noqa: E402  (the model the subprocess workers tune too)
 
 
 def blobs(n: int = 300, seed: int = 0):
