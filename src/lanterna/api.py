@@ -22,12 +22,13 @@ from .callbacks.nan import TerminateOnNaN
 from .callbacks.progress import make_printer
 from .core.accelerator import Accelerator
 from .core.callback import Callback, Hooks
+from .core.checks import check_first_batch
 from .core.context import Context
 from .core.loop import fit_loop
 from .core.losses import build_loss
 from .core.step import custom_step, make_forward, make_loss, train_step, valid_step
 from .data import BatchSource, make_source, split_valid
-from .errors import DataError, LanternaError
+from .errors import DataError, LanternaError, NonFiniteLossError
 from .metrics.base import split_metric_spec
 from .results import Fitted
 
@@ -117,8 +118,10 @@ class Setup:
             params = groups(model) if callable(groups) else model.parameters()
             try:
                 opts = {"opt": factory(params, **self.opt_hparams)}
-            except TypeError as e:
-                raise LanternaError(f"Could not create the optimizer with {self.opt_hparams}: {e}") from e
+            except (TypeError, ValueError) as e:  # an unknown argument; torch's range checks (lr < 0, betas)
+                name = getattr(factory, "__name__", type(factory).__name__)
+                raise LanternaError(f"Could not create the optimizer with {self.opt_hparams} ({name}): {e}. Fix "
+                                    "the values given to .set_opt_hparams(...).") from e
         for name, opt in opts.items():
             if not isinstance(opt, torch.optim.Optimizer):
                 raise LanternaError(f"Optimizer {name!r} is a {type(opt).__name__}, not a torch.optim.Optimizer.")
@@ -158,11 +161,16 @@ class Setup:
         2
         """
         min_epochs, max_epochs = _epochs(epochs)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+            raise LanternaError(f"seed={seed!r}: give an integer seed, e.g. seed=42.")
+        if accelerator is not None and not isinstance(accelerator, Accelerator):
+            raise LanternaError(f"fit(accelerator={accelerator!r}): give an ln.Accelerator, e.g. "
+                                "accelerator=ln.Accelerator(device='cpu', precision='bf16-mixed').")
         acc = accelerator or Accelerator()
         if seed is not None:
             seed_everything(seed)
         ddp = _distributed(acc, seed)
-        train_src, valid_src = _sources(data, valid_data, dataloader_options, seed)
+        train_src, valid_src = _sources(data, valid_data, dataloader_options, seed if ddp is None else ddp.seed)
         model = self.build_model()
         forward_model = eval_forward_model = acc.prepare_model(model)
         if ddp is not None:
@@ -191,25 +199,35 @@ class Setup:
         printer = make_printer(verbose) if ctx.is_main else None
         if printer is not None:
             defaults.append(printer)
-        ctx.hooks = Hooks(_merge_callbacks(defaults, list(callbacks or [])))
+        ctx.hooks = Hooks(_merge_callbacks(defaults, [] if callbacks is None else callbacks))
         ctx._forward = make_forward(ctx)
         ctx._compute_loss = make_loss(ctx) if loss_fn is not None else None
         ctx.train_step, ctx.valid_step = (custom_step, custom_step) if has_step else (train_step, valid_step)
         for opt in optimizers.values():
             opt.zero_grad(set_to_none=True)
 
+        if valid_src is not None and not has_step:
+            check_first_batch(ctx, valid_src)  # a wrong validation batch fails now, not after an epoch
+
         t0 = time.perf_counter()
+
+        def fitted() -> Fitted:
+            return Fitted(
+                model=model, setup=self, history=ctx.history, optimizers=optimizers, accelerator=acc,
+                forward_model=eval_forward_model, loss_fn=loss_fn, metrics=valid_metrics or train_metrics,
+                total_time=time.perf_counter() - t0, status=ctx.status, context=ctx, distributed=ddp,
+            )
+
         try:
             fit_loop(ctx)
+        except NonFiniteLossError as e:
+            e.fitted = fitted()  # the model at the last good step: the run is not lost
+            raise
         finally:
             for src in (train_src, valid_src):
                 if src is not None:
                     src.close()
-        return Fitted(
-            model=model, setup=self, history=ctx.history, optimizers=optimizers, accelerator=acc,
-            forward_model=eval_forward_model, loss_fn=loss_fn, metrics=valid_metrics or train_metrics,
-            total_time=time.perf_counter() - t0, status=ctx.status, context=ctx, distributed=ddp,
-        )
+        return fitted()
 
 
 def setup(
@@ -232,12 +250,15 @@ def setup(
 
 
 def _epochs(epochs: Any) -> tuple[int, int]:
-    if isinstance(epochs, (tuple, list)):
-        if len(epochs) != 2:
-            raise LanternaError(f"epochs={epochs!r}: give an int or (min_epochs, max_epochs).")
-        lo, hi = (int(e) for e in epochs)
-    else:
-        lo, hi = 0, int(epochs)
+    """``(min_epochs, max_epochs)`` from fit's ``epochs``: whole numbers only (2.5, True, "3" are refused)."""
+    pair = isinstance(epochs, (tuple, list))
+    values = tuple(epochs) if pair else (0, epochs)
+    if len(values) != 2 or any(isinstance(e, bool) or not isinstance(e, (int, np.integer)) for e in values):
+        raise LanternaError(
+            f"epochs={epochs!r}: give an integer number of epochs, or a pair of integers (min_epochs, max_epochs), "
+            "e.g. epochs=20 or epochs=(5, 50)."
+        )
+    lo, hi = (int(e) for e in values)
     if hi < 1 or lo < 0 or lo > hi:
         raise LanternaError(f"epochs={epochs!r}: need 1 <= max_epochs and 0 <= min_epochs <= max_epochs.")
     return lo, hi
@@ -258,9 +279,11 @@ def _distributed(acc: Accelerator, seed: int | None) -> Any:
 def _sources(
     data: Any, valid_data: Any, options: Mapping[str, Any] | None, seed: int | None
 ) -> tuple[BatchSource, BatchSource | None]:
+    """The training and validation sources. ``seed`` draws a ``valid_data`` fraction's split: under torchrun it
+    is the seed every rank agreed on, so all ranks hold out the same samples."""
     if data is None:
         raise DataError("fit() needs training data: a DataLoader, a Dataset or (x, y) tensors/arrays.")
-    if isinstance(valid_data, (float, int)) and not isinstance(valid_data, bool):
+    if isinstance(valid_data, (float, int, np.floating, np.integer)) and not isinstance(valid_data, bool):
         gen = torch.Generator()
         gen.manual_seed(seed if seed is not None else int(torch.randint(2**62, ()).item()))
         return split_valid(data, float(valid_data), generator=gen, options=options)
@@ -268,12 +291,23 @@ def _sources(
     if valid_data is None:
         return train_src, None
     valid_opts = {**options, "shuffle": False, "drop_last": False} if options else None
-    if isinstance(valid_data, DataLoader) and not isinstance(data, DataLoader):
-        valid_opts = None  # the options were for the training data lanterna builds
+    if isinstance(valid_data, DataLoader) and valid_opts is not None:
+        from .data.adapters import _user_stacklevel
+
+        warnings.warn(  # the training data is not a DataLoader here: make_source refused that
+            f"dataloader_options {sorted(options)} apply to the training data only: valid_data is a DataLoader, "
+            "which keeps its own settings. Set them on that DataLoader, or pass its Dataset as valid_data.",
+            stacklevel=_user_stacklevel(),
+        )
+        valid_opts = None
     return train_src, make_source(valid_data, train=False, options=valid_opts, what="validation data")
 
 
-def _merge_callbacks(defaults: list[Callback], user: list[Callback]) -> list[Callback]:
+def _merge_callbacks(defaults: list[Callback], user: Any) -> list[Callback]:
+    if isinstance(user, Callback) or not isinstance(user, (list, tuple)):
+        raise LanternaError(f"callbacks= takes a list of ln.Callback instances; got {user!r}. Wrap it in a list: "
+                            f"callbacks=[{type(user).__name__}(...)].")
+    user = list(user)
     for cb in user:
         if not isinstance(cb, Callback):
             raise LanternaError(

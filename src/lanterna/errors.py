@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = ["LanternaError", "DataError", "ShapeMismatchError", "TargetDtypeError", "ModelCallError",
            "NonFiniteLossError", "CallbackError", "MonitorError", "CheckpointError", "DamagedCheckpointError",
-           "CheckpointVersionError", "ArtifactError", "ModelMismatchError", "ExportError"]
+           "CheckpointVersionError", "ArtifactError", "ModelMismatchError", "ExportError", "MetricError",
+           "DamagedArtifactError"]
 
 
 class LanternaError(Exception):
@@ -28,7 +31,13 @@ class ModelCallError(LanternaError, TypeError):
 
 
 class NonFiniteLossError(LanternaError, FloatingPointError):
-    """The loss became NaN or Inf; training stopped before the optimizer step."""
+    """The loss or a gradient became NaN or Inf; training stopped before that optimizer step.
+
+    ``.fitted`` is the ``ln.Fitted`` at the last good step (model and history so far) when the error comes out
+    of ``fit``, so the run is not lost: ``except NonFiniteLossError as e: e.fitted.save(...)``.
+    """
+
+    fitted: Any = None
 
 
 class CallbackError(LanternaError, RuntimeError):
@@ -61,3 +70,12 @@ class ModelMismatchError(LanternaError, ValueError):
 
 class ExportError(LanternaError, RuntimeError):
     """A model could not be exported, or the exported model does not reproduce the original's outputs."""
+
+
+class DamagedArtifactError(ArtifactError):
+    """A saved model's file is damaged: truncated, zero-filled, bit-flipped (its SHA-256 checksum fails) or
+    unparsable. The message names the file."""
+
+
+class MetricError(LanternaError, TypeError):
+    """A metric that lanterna cannot use (not a metric object, or one that failed on a batch)."""

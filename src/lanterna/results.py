@@ -13,12 +13,12 @@ from torch import Tensor, nn
 from .callbacks.metrics import MetricsCallback
 from .callbacks.progress import format_value
 from .core.accelerator import Accelerator
-from .core.callback import Hooks
+from .core.callback import Callback, Hooks
 from .core.context import Context
 from .core.loop import run_phase
-from .core.step import make_forward, make_loss, valid_step
-from .data import make_source, split_batch
-from .errors import DataError
+from .core.step import custom_step, make_forward, make_loss, valid_step
+from .data import batch_size_of, make_source, split_batch
+from .errors import DataError, LanternaError
 from .metrics.base import split_metric_spec
 
 if TYPE_CHECKING:
@@ -95,39 +95,66 @@ class Fitted:
         return dict(self.setup.opt_hparams) if self.setup is not None else {}
 
     # ------------------------------------------------------------------ inference
-    def _context(self) -> Context:
+    def _context(self, callbacks: Sequence[Callback] | None, builtin: Sequence[Callback] = ()) -> Context:
         ctx = Context(model=self.model, forward_model=self.forward_model, accelerator=self.accelerator,
-                      device=self.accelerator.device, loss_fn=self.loss_fn, verbose=False)
+                      device=self.accelerator.device, loss_fn=self.loss_fn, verbose=False,
+                      optimizers=self.optimizers, history=self.history, setup=self.setup,
+                      custom_step=callable(getattr(self.model, "step", None)))
         ctx._forward = make_forward(ctx)
         ctx._compute_loss = make_loss(ctx) if self.loss_fn is not None else None
         ctx.dist = self.distributed
+        if ctx.dist is not None:
+            ctx.rank, ctx.world_size, ctx.is_main = ctx.dist.rank, ctx.dist.world_size, ctx.dist.is_main
+        for cb in callbacks or ():
+            if not isinstance(cb, Callback):
+                raise LanternaError(f"callbacks must be ln.Callback instances; got {cb!r}.")
+        ctx.hooks = Hooks([*builtin, *(callbacks or ())])
         return ctx
 
     def _source(self, data: Any, options: Mapping[str, Any] | None, what: str) -> Any:
-        options = {**options, "shuffle": False, "drop_last": False} if options else None
-        source = make_source(data, train=False, options=options, what=what)
+        source = make_source(data, train=False, options=options, what=what)  # warns on shuffle / drop_last
         if self.distributed is not None:
             source = self.distributed.shard(source, train=False)
         return source.to_device(self.accelerator.device)
 
-    def predict(self, data: Any, *, dataloader_options: Mapping[str, Any] | None = None) -> Any:
+    def predict(self, data: Any, *, dataloader_options: Mapping[str, Any] | None = None,
+                callbacks: Sequence[Callback] | None = None) -> Any:
         """Predictions as a CPU tensor concatenated over batches (a tuple/dict for multi-output models).
 
         Eval mode, no autograd, batches moved to the device one at a time. ``predict((x, y))`` ignores y.
         Under mixed precision the 16-bit outputs of autocast are returned as float32.
+
+        Args:
+            data: any data form of fit (a DataLoader, a Dataset, tensors/arrays, ``x`` alone or ``(x, y)``).
+            dataloader_options: options where lanterna builds the loader (``batch_size`` ...).
+            callbacks: ``ln.Callback`` objects; they get ``on_predict_begin``, ``on_predict_batch_begin``,
+                ``on_predict_batch_end`` (``ctx.pred`` is the batch's output) and ``on_predict_end``.
+
+        >>> import lanterna as ln
+        >>> Fitted(nn.Linear(3, 1), None, []).predict(torch.zeros(5, 3)).shape
+        torch.Size([5, 1])
         """
         source = self._source(data, dataloader_options, "prediction data")
-        ctx = self._context()
+        ctx = self._context(callbacks)
+        hooks = ctx.hooks
         self.model.eval()
         non_blocking = self.accelerator.device.type == "cuda"
         # under autocast the outputs come in 16 bits; predictions are given in the model's own float32
         mixed = self.accelerator.precision in ("bf16-mixed", "16-mixed")
         outs: list[Any] = []
+        ctx.set_name, ctx.num_batches = "predict", source.num_batches()
         try:
+            hooks.on_predict_begin(ctx)
             with torch.no_grad():
-                for batch in source:
-                    inputs, _ = split_batch(batch)
-                    outs.append(_to_cpu(ctx._forward(inputs), non_blocking, mixed))
+                for i, batch in enumerate(source, 1):
+                    ctx.iter, ctx.batch = i, batch
+                    ctx.input, ctx.target = split_batch(batch)
+                    ctx.batch_size = batch_size_of(ctx.input)
+                    hooks.on_predict_batch_begin(ctx)
+                    ctx.pred = ctx._forward(ctx.input)
+                    hooks.on_predict_batch_end(ctx)
+                    outs.append(_to_cpu(ctx.pred, non_blocking, mixed))
+            hooks.on_predict_end(ctx)
         finally:
             source.close()
         if non_blocking:
@@ -140,18 +167,31 @@ class Fitted:
 
     def evaluate(
         self, data: Any, *, metrics: Sequence[Any] | None = None,
-        dataloader_options: Mapping[str, Any] | None = None,
+        dataloader_options: Mapping[str, Any] | None = None, callbacks: Sequence[Callback] | None = None,
     ) -> Evaluation:
         """Loss and metrics over all of ``data`` (sample-weighted, exact) → :class:`Evaluation`.
 
-        ``metrics`` replaces the fit's metrics for this evaluation.
+        A module with its own ``step(ctx)`` is evaluated through it, with ``ctx.training`` False (as in
+        validation); its ``ctx.loss`` and ``ctx.log`` values are in the result.
+
+        Args:
+            data: any data form of fit, with targets.
+            metrics: replaces the fit's metrics for this evaluation.
+            dataloader_options: options where lanterna builds the loader (``batch_size`` ...).
+            callbacks: ``ln.Callback`` objects; they get the ``on_valid_*`` hooks.
+
+        >>> import lanterna as ln
+        >>> x = torch.randn(8, 3)
+        >>> Fitted(nn.Linear(3, 1), None, [], loss_fn=nn.MSELoss()).evaluate((x, torch.zeros(8, 1)))["loss"] >= 0
+        True
         """
         source = self._source(data, dataloader_options, "evaluation data")
         metric_list = self.metrics if metrics is None else metrics
-        ctx = self._context()
-        ctx.valid_data, ctx.valid_name, ctx.valid_step = source, "test", valid_step
-        ctx.hooks = Hooks([MetricsCallback([], split_metric_spec(metric_list)[1])])
-        ctx.hooks.on_fit_begin(ctx)
+        metrics_cb = MetricsCallback([], split_metric_spec(metric_list)[1])
+        ctx = self._context(callbacks, [metrics_cb])
+        ctx.valid_data, ctx.valid_name = source, "test"
+        ctx.valid_step = custom_step if ctx.custom_step else valid_step
+        metrics_cb.on_fit_begin(ctx)
         ctx.record = {}
         try:
             run_phase(ctx, training=False)
@@ -189,9 +229,18 @@ class Fitted:
 
     # ------------------------------------------------------------------ files (API.md §7)
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Save the weights (safetensors) and metadata (JSON: module import path, hparams, opt_hparams, loss,
-        metrics, history, versions) to the folder ``path`` (or one ``.safetensors`` file); reload with
-        ``ln.load(path)``. Nothing is pickled. Returns the path.
+        """Save the weights (safetensors, with a SHA-256 checksum) and metadata (JSON: module import path,
+        hparams, opt_hparams, optimizer, loss, metrics, history, versions) to the folder ``path`` (or one
+        ``.safetensors`` file); reload with ``ln.load(path)``. Tuples, NaN/Inf, tensors, dtypes and module
+        classes round-trip exactly; a value that cannot be stored (a function as an hparam) is named in a
+        warning and ``ln.load`` asks for it. The save is atomic as a whole: a kill at any moment leaves the
+        previous model or the new one. Nothing is pickled.
+
+        Args:
+            path: a folder (created if needed), or a file name ending in ``.safetensors``.
+
+        Returns:
+            The path written.
 
         >>> import tempfile
         >>> path = Fitted(nn.Linear(3, 1), None, []).save(tempfile.mkdtemp() + "/model")

@@ -97,8 +97,9 @@ def test_unknown_monitor_and_unwritable_folder_fail_before_the_first_batch(tmp_p
     with pytest.raises(ln.MonitorError, match=r"Unknown monitor 'valid_los'.*valid_loss"):
         setup.fit((x, y), epochs=2, valid_data=0.2, seed=0, verbose=False, callbacks=[
             counter, ln.callbacks.ModelCheckpoint(tmp_path / "c", monitor="valid_los")])
-    with pytest.raises(ln.MonitorError, match="valid_\\* names need valid_data"):
-        setup.fit((x, y), epochs=2, verbose=False, callbacks=[counter, ln.callbacks.ModelCheckpoint(tmp_path)])
+    with pytest.raises(ln.MonitorError, match="valid_\\* names need valid_data"):  # the default falls back instead
+        setup.fit((x, y), epochs=2, verbose=False, callbacks=[
+            counter, ln.callbacks.ModelCheckpoint(tmp_path, monitor="valid_loss", save_best_only=True)])
     with pytest.raises(ln.MonitorError, match=r"template.*nope"):
         setup.fit((x, y), epochs=2, verbose=False, callbacks=[
             counter, ln.callbacks.ModelCheckpoint(str(tmp_path / "{nope}.pt"), monitor="train_loss")])

@@ -105,7 +105,7 @@ def test_only_the_stepping_optimizer_is_clipped():
 
 
 def test_bad_arguments():
-    with pytest.raises(ln.LanternaError, match="max_norm must be a positive number"):
+    with pytest.raises(ln.LanternaError, match="max_norm must be a positive finite number"):
         ln.callbacks.GradientClip(0)
     with pytest.raises(ln.LanternaError, match="norm_type"):
         ln.callbacks.GradientClip(1.0, norm_type=-2)
@@ -131,3 +131,29 @@ def test_16_mixed_clips_the_unscaled_gradients():
     assert len(finite) >= 10
     # in true units (the scale is in the thousands): clipped to max_norm
     assert all(n == pytest.approx(1.0, rel=1e-4) and s >= 1024 for n, s in finite)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"max_norm": "a"}, r"GradientClip\(max_norm='a'\): max_norm must be a positive finite number"),
+    ({"max_norm": None}, r"max_norm=None.*positive finite number"),
+    ({"max_norm": True}, r"max_norm=True.*positive finite number"),
+    ({"max_norm": float("inf")}, r"max_norm=inf.*positive finite number"),
+    ({"max_norm": float("nan")}, r"max_norm=nan.*positive finite number"),
+    ({"max_norm": -1.0}, r"max_norm=-1.0.*positive finite number"),
+    ({"max_norm": torch.tensor([1.0, 2.0])}, r"max_norm=.*positive finite number"),
+    ({"max_norm": 1.0, "norm_type": "l2"}, r"GradientClip\(norm_type='l2'\): norm_type must be a positive number"),
+    ({"max_norm": 1.0, "norm_type": 0}, r"norm_type=0.*positive number.*'inf'"),
+    ({"max_norm": 1.0, "norm_type": float("nan")}, r"norm_type=nan"),
+    ({"max_norm": 1.0, "norm_type": None}, r"norm_type=None"),
+])
+def test_bad_arguments_are_refused_in_the_constructor_naming_the_argument(kwargs, message):
+    with pytest.raises(ln.LanternaError, match=message):
+        ln.callbacks.GradientClip(**kwargs)
+
+
+def test_accepted_argument_forms():
+    assert ln.callbacks.GradientClip(2).max_norm == 2.0
+    assert ln.callbacks.GradientClip(torch.tensor(0.5)).max_norm == 0.5
+    assert ln.callbacks.GradientClip(1.0, norm_type="inf").norm_type == float("inf")
+    assert ln.callbacks.GradientClip(1.0, norm_type="INF").norm_type == float("inf")
+    assert ln.callbacks.GradientClip(1.0, norm_type=1).norm_type == 1.0

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import csv
+import os
+import re
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,3 +116,71 @@ def test_bad_path(tmp_path):
         ln.callbacks.CSVLogger(tmp_path)
     with pytest.raises(ln.LanternaError, match="give a file path"):
         ln.callbacks.CSVLogger(3)
+
+
+class Trained(ln.Callback):
+    def __init__(self):
+        self.batches = 0
+
+    def on_train_batch_end(self, ctx):
+        self.batches += 1
+
+
+def _writes(folder):
+    try:
+        (folder / ".probe").write_text("")
+    except OSError:
+        return False
+    (folder / ".probe").unlink()
+    return True
+
+
+def _unwritable(kind, tmp_path):
+    if kind == "parent is a file":
+        (tmp_path / "taken").write_text("a file, not a folder")
+        return tmp_path / "taken" / "h.csv"
+    if kind == "read-only folder":
+        folder = tmp_path / "ro"
+        folder.mkdir()
+        folder.chmod(0o500)
+        if _writes(folder):  # root ignores permission bits
+            folder.chmod(0o700)
+            pytest.skip("this user can write into read-only folders (root)")
+        return folder / "h.csv"
+    # a read-only file system (sysfs is mounted read-only, for root too)
+    if not sys.platform.startswith("linux") or not os.path.isdir("/sys") or _writes(Path("/sys")):
+        pytest.skip("needs a read-only /sys")
+    return Path("/sys/lanterna-history.csv")
+
+
+@pytest.mark.parametrize("kind", ["parent is a file", "read-only folder", "read-only file system"])
+def test_an_unwritable_path_is_an_error_before_training_naming_the_path(tmp_path, kind):
+    path = _unwritable(kind, tmp_path)
+    trained = Trained()
+    try:
+        with pytest.raises(ln.LanternaError, match="CSVLogger cannot write " + re.escape(repr(str(path)))) as err:
+            _setup().fit(_data(), epochs=2, verbose=False, callbacks=[trained, ln.callbacks.CSVLogger(path)])
+    finally:
+        if kind == "read-only folder":
+            path.parent.chmod(0o700)
+    assert trained.batches == 0  # refused at fit begin, not after epoch 1
+    if kind == "parent is a file":
+        assert f"{str(tmp_path / 'taken')!r} is a file, not a folder" in str(err.value)
+    assert not path.exists()
+
+
+def test_the_check_at_fit_begin_leaves_an_existing_log_to_resume_untouched(tmp_path):
+    path = tmp_path / "h.csv"
+    first = _setup().fit(_data(), epochs=2, verbose=False, callbacks=[ln.callbacks.CSVLogger(path)])
+    before = path.read_text()
+
+    class Stop(ln.Callback):
+        def on_fit_begin(self, ctx):
+            raise ln.LanternaError("stop after the loggers' fit begin")
+
+        order = 700  # after CSVLogger (600)
+
+    with pytest.raises(ln.LanternaError, match="stop after"):
+        _setup().fit(_data(), epochs=3, verbose=False,
+                     callbacks=[FakeResume(first.history), ln.callbacks.CSVLogger(path), Stop()])
+    assert path.read_text() == before and sorted(p.name for p in tmp_path.iterdir()) == ["h.csv"]

@@ -72,8 +72,8 @@ def test_never_stops_before_min_epochs(luz_setup, luz_split, capsys):
 def test_max_mode_on_accuracy_and_train_monitor(clf_setup, clf_data):
     x, y = clf_data
     cb = ln.callbacks.EarlyStopping(monitor="train_acc", patience=2)
-    assert cb.mode == "max"
     fitted = clf_setup.fit((x, y), epochs=60, seed=0, callbacks=[cb], verbose=False)
+    assert cb.mode == "max"  # read from the metric's higher_is_better at fit begin
     acc = [r["train_acc"] for r in fitted.history]
     best = max(range(len(acc)), key=lambda i: (acc[i], -i)) + 1  # first epoch reaching the maximum
     assert len(acc) == best + 2 and cb.best == max(acc)
@@ -126,8 +126,12 @@ def test_custom_step_logged_monitor_is_checked_after_the_first_epoch():
     x = torch.randn(32, 2)
     y = x.sum(1, keepdim=True)
     fitted = ln.setup(Custom).fit((x, y), epochs=3, verbose=False,
-                                  callbacks=[ln.callbacks.EarlyStopping("train_custom", patience=5)])
+                                  callbacks=[ln.callbacks.EarlyStopping("train_custom", patience=5, mode="min")])
     assert len(fitted.history) == 3
     with pytest.raises(ln.MonitorError, match="train_nope.*train_custom"):
         ln.setup(Custom).fit((x, y), epochs=3, verbose=False,
-                             callbacks=[ln.callbacks.EarlyStopping("train_nope")])
+                             callbacks=[ln.callbacks.EarlyStopping("train_nope", mode="min")])
+    # a ctx.log value has no known direction: mode="auto" is refused before training
+    with pytest.raises(ln.MonitorError, match=r"'train_custom'.*Pass mode='min' or mode='max'"):
+        ln.setup(Custom).fit((x, y), epochs=3, verbose=False,
+                             callbacks=[ln.callbacks.EarlyStopping("train_custom")])

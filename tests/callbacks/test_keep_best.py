@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -79,3 +80,74 @@ def test_unknown_monitor_and_bad_mode(luz_setup, luz_data):
         luz_setup.fit(luz_data, valid_data=0.2, callbacks=[ln.callbacks.KeepBestModel("valid_acc")], verbose=False)
     with pytest.raises(ln.MonitorError, match="mode='up' is not one of 'min', 'max', 'auto'"):
         ln.callbacks.KeepBestModel(mode="up")
+
+
+class StopIn(ln.Callback):
+    """Ends fit inside epoch ``epoch``'s first batch: Ctrl-C, StopTraining or an error."""
+
+    def __init__(self, epoch: int, how: str) -> None:
+        self.epoch, self.how = epoch, how
+
+    def on_train_batch_end(self, ctx):
+        if ctx.epoch == self.epoch and ctx.iter == 1:
+            if self.how == "interrupted":
+                ctx.interrupted = True  # what the first Ctrl-C sets
+            elif self.how == "stopped":
+                raise ln.StopTraining
+            else:
+                raise RuntimeError("boom")
+
+
+@pytest.mark.parametrize("how", ["interrupted", "stopped", "failed"])
+def test_warns_why_nothing_was_restored_when_no_epoch_completed(how, luz_setup, luz_split):
+    train_dl, valid_dl, _ = luz_split
+    snaps = Snapshots()
+    cb = ln.callbacks.KeepBestModel()
+    with pytest.warns(UserWarning, match=rf"KeepBestModel restored nothing: no epoch completed \(fit {how} "
+                                         r"during epoch 1\)"):
+        try:
+            fitted = luz_setup.fit(train_dl, epochs=3, valid_data=valid_dl, seed=0, verbose=False,
+                                   callbacks=[cb, snaps, StopIn(1, how)])
+        except ln.CallbackError:
+            assert how == "failed"
+        else:
+            assert fitted.status == how and fitted.history == []
+    assert cb.best_state is None and snaps.states == {}
+
+
+def test_warns_that_a_failed_fit_keeps_its_last_weights(luz_setup, luz_split):
+    train_dl, valid_dl, _ = luz_split
+    cb = ln.callbacks.KeepBestModel()
+
+    class Model(ln.Callback):
+        def on_fit_begin(self, ctx):
+            self.model = ctx.model
+
+    holder = Model()
+    with pytest.warns(UserWarning, match=r"fit failed, so the weights of the best epoch \(1\) were not restored"), \
+            pytest.raises(ln.CallbackError, match="boom"):
+        luz_setup.fit(train_dl, epochs=3, valid_data=valid_dl, seed=0, verbose=False,
+                      callbacks=[cb, holder, StopIn(2, "failed")])
+    assert cb.best_epoch == 1
+    assert not torch.equal(holder.model.state_dict()["net.0.weight"], cb.best_state["net.0.weight"])
+
+
+def test_warns_when_every_monitored_value_was_nan(luz_setup, luz_split):
+    train_dl, valid_dl, _ = luz_split
+
+    class NanLog(ln.Callback):
+        def on_epoch_end(self, ctx):
+            ctx.history[-1]["valid_loss"] = float("nan")
+
+    cb = ln.callbacks.KeepBestModel()  # order 700: after NanLog (order 0)
+    with pytest.warns(UserWarning, match=r"restored nothing: no epoch had a comparable valid_loss \(all 2 were NaN\)"):
+        fitted = luz_setup.fit(train_dl, epochs=2, valid_data=valid_dl, seed=0, verbose=False, callbacks=[NanLog(), cb])
+    assert len(fitted.history) == 2 and cb.best_state is None
+
+
+def test_no_warning_when_the_best_epoch_is_restored(luz_setup, luz_split):
+    train_dl, valid_dl, _ = luz_split
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        luz_setup.fit(train_dl, epochs=2, valid_data=valid_dl, seed=0, verbose=False,
+                      callbacks=[ln.callbacks.KeepBestModel()])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from conftest import Net, make_luz_data
@@ -71,3 +73,63 @@ def test_on_cuda_predict_and_evaluate_come_back_on_the_cpu():
         direct = (fitted.model(x.cuda()).cpu() - y).double()
     assert ev["loss"] == pytest.approx(float(direct.square().mean()), rel=1e-5)
     assert ev["mae"] == pytest.approx(float(direct.abs().mean()), rel=1e-5)
+
+
+mps_available = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch without a usable GPU")
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", torch.device("cuda"), 0])
+def test_cuda_without_a_gpu_is_a_clear_error_naming_the_device_and_what_is_available(device):
+    with pytest.raises(ln.LanternaError, match=r"Accelerator\(device=.*cuda.*\): CUDA is not available.*"
+                                               r"Available: 'cpu'.*device=None"):
+        ln.Accelerator(device=device)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_index_past_the_last_gpu_is_a_clear_error():
+    n = torch.cuda.device_count()
+    with pytest.raises(ln.LanternaError, match=rf"device='cuda:{n}'.*{n} CUDA device.*'cuda:0'"):
+        ln.Accelerator(device=f"cuda:{n}")
+
+
+@pytest.mark.skipif(mps_available, reason="needs a machine without MPS")
+def test_mps_where_unavailable_is_a_clear_error():
+    with pytest.raises(ln.LanternaError, match=r"Accelerator\(device='mps'\): MPS is not available.*Available: 'cpu'"):
+        ln.Accelerator(device="mps")
+
+
+@pytest.mark.parametrize("device, shown", [("gpu", "'gpu'"), ("cuda:x", "'cuda:x'"), (3.5, "3.5"), ("", "''")])
+def test_an_unknown_device_is_a_clear_error_listing_the_available_ones(device, shown):
+    with pytest.raises(ln.LanternaError, match=rf"Accelerator\(device={re.escape(shown)}\): not a device.*"
+                                               r"Available: 'cpu'"):
+        ln.Accelerator(device=device)
+
+
+def test_a_common_wrong_device_name_gets_a_hint():
+    with pytest.raises(ln.LanternaError, match=r"device='gpu'\): not a device torch knows \(did you mean 'cuda'\?\)"):
+        ln.Accelerator(device="gpu")
+
+
+def test_the_device_is_checked_before_any_training():
+    if torch.cuda.is_available():
+        pytest.skip("needs a torch without a usable GPU")
+    x, y = make_luz_data(n=16)
+    steps = []
+
+    class Count(ln.Callback):
+        def on_train_batch_begin(self, ctx):
+            steps.append(ctx.iter)
+
+    with pytest.raises(ln.LanternaError, match="CUDA is not available"):
+        ln.setup(Net, loss=nn.MSELoss()).fit((x, y), epochs=1, verbose=False, callbacks=[Count()],
+                                              accelerator=ln.Accelerator(device="cuda"))
+    assert steps == []
+
+
+@pytest.mark.parametrize("precision, hint", [("8", None), ("fp16", "16-mixed"), ("bf16", "bf16-mixed"), (None, None)])
+def test_a_bad_precision_names_the_value_and_the_choices(precision, hint):
+    with pytest.raises(ln.LanternaError, match=rf"Accelerator\(precision={re.escape(repr(precision))}\): use one of "
+                                               r"'32'.*'bf16-mixed', '16-mixed'") as err:
+        ln.Accelerator(device="cpu", precision=precision)
+    assert (f"did you mean precision={hint!r}?" in str(err.value)) == (hint is not None)

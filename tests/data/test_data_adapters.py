@@ -118,9 +118,12 @@ def test_a_general_dataset_is_wrapped_in_a_dataloader_with_defaults():
     train = make_source(ds, train=True)
     assert isinstance(train, LoaderBatches)
     assert train.loader.batch_size == 32 and isinstance(train.loader.sampler, RandomSampler)
-    valid = make_source(ds, train=False, options={"batch_size": 16, "drop_last": True})
-    assert isinstance(valid.loader.sampler, SequentialSampler) and valid.loader.drop_last
-    assert [len(b[0]) for b in valid] == [16, 16]
+    valid = make_source(ds, train=False, options={"batch_size": 16})
+    assert isinstance(valid.loader.sampler, SequentialSampler) and not valid.loader.drop_last
+    assert [len(b[0]) for b in valid] == [16, 16, 8]
+    unshuffled = make_source(ds, train=True, options={"batch_size": 16, "drop_last": True, "shuffle": False})
+    assert isinstance(unshuffled.loader.sampler, SequentialSampler) and unshuffled.loader.drop_last
+    assert [len(b[0]) for b in unshuffled] == [16, 16]
 
 
 def test_a_custom_collate_or_sampler_keeps_the_dataloader():

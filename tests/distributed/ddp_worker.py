@@ -1,6 +1,7 @@
 """A user script run unchanged with `python` or `torchrun` (tests/distributed/test_ddp.py starts it).
 
-Usage: ddp_worker.py MODE OUT_DIR   (MODE: fit | parity | resume | uninterrupted | raise | metrics | accumulate)
+Usage: ddp_worker.py MODE OUT_DIR
+(MODE: fit | parity | resume | uninterrupted | raise | metrics | accumulate | split)
 """
 
 from __future__ import annotations
@@ -191,6 +192,14 @@ def main() -> None:
         (out / f"allreduce_{tag}_{rank}.json").write_text(json.dumps(counter.per_epoch))
         if rank == 0:
             save_file(dict(fitted.model.state_dict()), str(out / f"weights_{tag}.safetensors"))
+    elif mode == "split":  # valid_data=0.2 without seed=: every rank must hold out the same samples
+        rec = RecordShards()
+        torch.manual_seed(100 + rank)  # ranks' global RNGs differ, as in any script that draws before fit
+        fitted = setup.fit((x, y), valid_data=0.2, epochs=2, callbacks=[rec], verbose=False,
+                           dataloader_options={"batch_size": 50})
+        parts = {name: src.leaves[0][:, 3].long().tolist()  # the whole part as this rank split it (unsharded)
+                 for name, src in (("train", fitted.context.train_data), ("valid", fitted.context.valid_data))}
+        (out / f"split_{rank}.json").write_text(json.dumps({**parts, "seen": rec.seen}))
     elif mode == "raise":
         setup.fit(train, epochs=3, seed=1, callbacks=[RaiseOnRank1()], verbose=False)
     else:

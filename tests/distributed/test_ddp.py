@@ -139,3 +139,19 @@ def test_gradient_accumulation_skips_the_all_reduce_of_deferred_batches(tmp_path
     b = load_file(str(tmp_path / "weights_forced.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_a_valid_fraction_without_a_seed_holds_out_the_same_samples_on_every_rank(tmp_path: Path) -> None:
+    """Issue 11: the split's seed comes from rank 0, so no rank trains on what another rank validates on."""
+    proc = torchrun(2, "split", str(tmp_path), timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"split_{r}.json").read_text()) for r in range(2)]
+    n = N_TRAIN + N_VALID
+    assert ranks[0]["valid"] == ranks[1]["valid"] and ranks[0]["train"] == ranks[1]["train"]
+    valid = set(ranks[0]["valid"])
+    assert len(valid) == round(0.2 * n) and valid.isdisjoint(ranks[0]["train"])
+    assert valid | set(ranks[0]["train"]) == set(range(n))
+    for epoch in (1, 2):
+        trained = [i for r in ranks for i in r["seen"][f"train_{epoch}"]]
+        validated = [i for r in ranks for i in r["seen"][f"valid_{epoch}"]]
+        assert sorted(trained) == sorted(ranks[0]["train"]) and sorted(validated) == sorted(valid)

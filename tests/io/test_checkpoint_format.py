@@ -4,8 +4,12 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +19,8 @@ import lanterna as ln
 from lanterna.io import checkpoint as ckpt_mod
 from lanterna.io import load_checkpoint, save_checkpoint, scan_checkpoints
 from lanterna.io.checkpoint import FORMAT_VERSION, content_digest
+
+SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
 def _state(step=3):
@@ -136,3 +142,79 @@ def test_latest_goes_by_recorded_step_not_by_name(tmp_path):
     found = scan_checkpoints(tmp_path, on_damaged=lambda p, e: damaged.append(p.name))
     assert [c.path.name for c in found] == ["aaa.pt", "zzz.pt"]
     assert damaged == ["broken.pt"]
+
+
+# ---------------------------------------------------------------------------- real write failures
+
+_CHILD = """
+import json, resource, signal, sys, torch
+sys.path.insert(0, {src!r})
+import lanterna as ln
+from lanterna.io import save_checkpoint
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # so a write past the limit fails with EFBIG instead of killing us
+save_checkpoint({path!r}, {{"model": {{"w": torch.ones(4)}}, "epoch": 1}})
+resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+try:
+    save_checkpoint({path!r}, {{"model": {{"w": torch.zeros(100_000)}}, "epoch": 2}})
+    print(json.dumps({{"error": None}}))
+except Exception as e:
+    print(json.dumps({{"error": type(e).__name__, "message": str(e), "cause": repr(e.__cause__)}}))
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX resource limits")
+def test_a_file_size_limit_is_a_checkpoint_error_naming_path_and_cause(tmp_path):
+    target = tmp_path / "c.pt"
+    code = _CHILD.format(src=SRC, path=str(target))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["error"] == "CheckpointError"
+    assert str(target) in result["message"] and "file size limit" in result["message"]
+    assert "enforce fail" not in result["message"] and "File too large" in result["cause"]
+    assert load_checkpoint(target)["epoch"] == 1  # the previous file survives
+    assert os.listdir(tmp_path) == ["c.pt"]
+
+
+def test_a_full_tmpfs_is_a_checkpoint_error_and_the_previous_file_survives(tmp_path):
+    mnt = _mount_tmpfs(tmp_path, "size=256k")
+    try:
+        path = mnt / "c.pt"
+        save_checkpoint(path, {"model": {"w": torch.ones(4)}, "epoch": 1})
+        before = path.read_bytes()
+        with pytest.raises(ln.CheckpointError, match=r"c\.pt.*disk is full \(No space left on device\)") as info:
+            save_checkpoint(path, {"model": {"w": torch.zeros(100_000)}, "epoch": 2})
+        assert isinstance(info.value.__cause__, OSError) and info.value.__cause__.errno == errno.ENOSPC
+        assert path.read_bytes() == before
+        assert os.listdir(mnt) == ["c.pt"]
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_a_read_only_folder_is_a_checkpoint_error_naming_it(tmp_path):
+    if os.name == "posix" and os.geteuid() == 0:  # root writes through file modes: use a read-only mount
+        folder = _mount_tmpfs(tmp_path, "size=64k,ro")
+        words = "read-only file system"
+    else:
+        folder = tmp_path / "ro"
+        folder.mkdir()
+        folder.chmod(0o555)
+        words = "permission denied"
+    try:
+        with pytest.raises(ln.CheckpointError, match=rf"{folder}.*{words}"):
+            save_checkpoint(folder / "c.pt", {"model": {"w": torch.ones(4)}})
+    finally:
+        if os.name == "posix" and os.geteuid() == 0:
+            subprocess.run(["umount", str(folder)], check=False)
+        else:
+            folder.chmod(0o755)
+
+
+def _mount_tmpfs(tmp_path, options):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if os.name != "posix" or os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("mount -t tmpfs is not allowed here")
+    return mnt

@@ -3,9 +3,11 @@ and nothing in a file is ever executed (malicious metadata, pickles)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
+import re
 
 import pytest
 import torch
@@ -27,8 +29,10 @@ def fitted():
 def test_save_load_round_trip(fitted, tmp_path):
     x, y = make_luz_data(50, seed=3)
     path = fitted.save(tmp_path / "model")
-    assert sorted(os.listdir(path)) == ["lanterna.json", "model.safetensors"]
     meta = json.loads((path / "lanterna.json").read_text())
+    assert sorted(os.listdir(path)) == ["lanterna.json", meta["weights"]["file"]]
+    assert re.fullmatch(r"model-[0-9a-f]{12}\.safetensors", meta["weights"]["file"])
+    assert meta["weights"]["sha256"] == hashlib.sha256((path / meta["weights"]["file"]).read_bytes()).hexdigest()
     assert meta["module"] == "conftest:Net" and meta["hparams"] == {"d_in": 3, "d_hidden": 8, "d_out": 1}
     loaded = ln.load(path)
     assert isinstance(loaded, ln.Fitted)
@@ -87,10 +91,10 @@ def test_tied_weights_tuples_and_factories(tmp_path):
 
 
 def _crafted_artifact(folder, meta):
-    folder.mkdir()
-    text = json.dumps({"format": "lanterna.model", "format_version": 1, "history": [], **meta})
-    save_file({"net.0.weight": torch.zeros(8, 3)}, str(folder / "model.safetensors"), metadata={"lanterna": text})
-    (folder / "lanterna.json").write_text(text)
+    """A genuine save of Net(3, 8, 1) whose lanterna.json is then edited (the JSON carries no checksum)."""
+    ln.Fitted(Net(3, 8, 1), ln.setup(Net).set_hparams(d_in=3, d_hidden=8, d_out=1), []).save(folder)
+    doc = json.loads((folder / "lanterna.json").read_text())
+    (folder / "lanterna.json").write_text(json.dumps({**doc, **meta}))
     return folder
 
 
@@ -102,7 +106,7 @@ def test_malicious_metadata_executes_nothing(tmp_path, target):
         "module": target, "module_kind": "class",
         "hparams": {"command": f"touch {marker}", "args": ["touch", str(marker)], "source": f"open('{marker}','w')"},
     })
-    with pytest.raises(ln.ArtifactError):
+    with pytest.raises(ln.ArtifactError, match="Refused|not an import path"):
         ln.load(path)
     assert not marker.exists()
 
@@ -125,10 +129,10 @@ def test_malicious_pickles_are_refused_unexecuted(tmp_path):
     torch.save({"model": _Evil(marker)}, zipped)
     with pytest.raises(ln.ArtifactError, match="weights-only"):
         ln.load(zipped)
-    folder = tmp_path / "disguised"
-    folder.mkdir()
-    (folder / "model.safetensors").write_bytes(pickle.dumps(_Evil(marker)))
-    with pytest.raises(ln.ArtifactError, match="pickle"):
+    folder = _crafted_artifact(tmp_path / "disguised", {})
+    weights = json.loads((folder / "lanterna.json").read_text())["weights"]["file"]
+    (folder / weights).write_bytes(pickle.dumps(_Evil(marker)))
+    with pytest.raises(ln.ArtifactError, match=r"safetensors' is a pickle file"):
         ln.load(folder)
     assert not marker.exists()
 

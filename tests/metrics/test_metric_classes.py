@@ -72,10 +72,14 @@ def test_rmse_is_over_all_samples_not_a_mean_of_batch_rmses(regression):
     assert abs(got - batch_mean) > 1e-3
 
 
-def test_regression_metrics_accept_n_1_predictions_for_n_targets(regression):
-    pred, target = regression
-    assert float(feed(ln.metrics.MAE(), pred, target.squeeze(1))) == pytest.approx(
-        float((pred - target).abs().mean()), rel=1e-6)
+@pytest.mark.parametrize("metric", [ln.metrics.MAE(), ln.metrics.MSE(), ln.metrics.RMSE()])
+def test_regression_metrics_refuse_n_1_predictions_for_n_targets(regression, metric):
+    pred, target = regression  # (N, 1) against (N,) would broadcast to (N, N) in torch: refused, both shapes named
+    with pytest.raises(ln.ShapeMismatchError, match=r"predictions of shape \(25, 1\) and targets of shape \(25,\)"
+                                                    r".*pred\.squeeze\(1\)"):
+        metric.update(pred, target.squeeze(1))
+    with pytest.raises(ln.ShapeMismatchError, match=r"\(25,\) and targets of shape \(25, 1\).*y\.squeeze\(1\)"):
+        metric.update(pred.squeeze(1), target)
 
 
 def test_mismatched_shapes_raise_a_clear_error():
@@ -104,9 +108,12 @@ def test_binary_accuracy_matches_sklearn(binary, threshold, float_target):
     assert got == pytest.approx(expected, abs=1e-7)
     got_logits = float(feed(ln.metrics.BinaryAccuracyWithLogits(threshold=threshold), logits, t))
     assert got_logits == pytest.approx(expected, abs=1e-7)
-    # (N, 1) outputs against (N,) targets, as a model with one output unit gives
-    assert float(feed(ln.metrics.BinaryAccuracy(threshold=threshold), probs.unsqueeze(1), t)) == pytest.approx(
-        expected, abs=1e-7)
+    # (N, 1) outputs against (N, 1) targets, as a model with one output unit gives; (N, 1) against (N,) refused
+    assert float(feed(ln.metrics.BinaryAccuracy(threshold=threshold), probs.unsqueeze(1), t.unsqueeze(1))) == \
+        pytest.approx(expected, abs=1e-7)
+    with pytest.raises(ln.ShapeMismatchError, match=r"BinaryAccuracy: predictions of shape \(7, 1\) and targets "
+                                                    r"of shape \(7,\)"):
+        feed(ln.metrics.BinaryAccuracy(threshold=threshold), probs.unsqueeze(1), t)
 
 
 @pytest.mark.parametrize("float_target", [False, True])
@@ -256,8 +263,8 @@ def test_auroc_is_exact_with_ties_saturated_logits_and_absent_classes():
     support = np.bincount(classes.numpy(), minlength=3)
     weighted = float(feed(ln.metrics.MulticlassAUROC(4, average="weighted"), probs, classes, chunks=(50, 70)))
     assert weighted == pytest.approx(np.average(ref, weights=support), rel=1e-6)
-    with pytest.raises(ValueError, match="use 'macro', 'weighted' or None"):
-        ln.metrics.MulticlassAUROC(4, average="micro")
+    with pytest.raises(ValueError, match="use 'macro', 'weighted', 'micro' or None"):
+        ln.metrics.MulticlassAUROC(4, average="samples")
 
 
 def test_multiclass_auroc_of_logits_is_that_of_their_softmax_as_in_torchmetrics(multiclass):

@@ -53,7 +53,8 @@ def main() -> None:
         return {"setup": setup, "callbacks": callbacks}
 
     ln.tune(objective, (x[:180], y[:180]), valid_data=(x[180:], y[180:]), epochs=2, monitor="valid_acc",
-            n_trials=n_trials, storage=db, study_name=study_name, heartbeat_interval=1, grace_period=2)
+            n_trials=n_trials, storage=db, study_name=study_name, heartbeat_interval=1, grace_period=2,
+            load_if_exists=True)  # the workers join one study
 
 
 if __name__ == "__main__":

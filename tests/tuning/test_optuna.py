@@ -49,7 +49,7 @@ def test_five_trial_study_with_median_pruner_prunes_the_bad_trials(tmp_path):
     train, valid = blobs()
     pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0, interval_steps=1)
     study = ln.tune(clf_setup, train, valid_data=valid, epochs=4, monitor="valid_acc", n_trials=5,
-                    storage=db, study_name="clf", pruner=pruner, seed=0)
+                    storage=db, study_name="clf", pruner=pruner, seed=0, load_if_exists=True)
     trials = study.trials
     assert len(trials) == 5 and study.direction == optuna.study.StudyDirection.MAXIMIZE
     states = [t.state for t in trials]
@@ -117,7 +117,8 @@ def test_a_diverging_trial_is_failed_and_the_study_goes_on(tmp_path):
     study = optuna.create_study(study_name="nan", storage=ln.tuning.storage(db))
     study.enqueue_trial({"lr": 100.0})
     study.enqueue_trial({"lr": 0.01})
-    study = ln.tune(objective, train, valid_data=valid, epochs=2, n_trials=2, storage=db, study_name="nan")
+    study = ln.tune(objective, train, valid_data=valid, epochs=2, n_trials=2, storage=db, study_name="nan",
+                    load_if_exists=True)
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE]
 
 
@@ -145,8 +146,9 @@ def test_max_trials_caps_the_whole_study(tmp_path):
         return trial.suggest_float("x", -1, 1) ** 2
 
     assert len(ln.tune(square, max_trials=3, storage=db).trials) == 3
-    assert len(ln.tune(square, max_trials=3, storage=db).trials) == 3  # a late worker finds the study done
-    assert len(ln.tune(square, max_trials=5, n_trials=10, storage=db).trials) == 5
+    # a late worker finds the study done
+    assert len(ln.tune(square, max_trials=3, storage=db, load_if_exists=True).trials) == 3
+    assert len(ln.tune(square, max_trials=5, n_trials=10, storage=db, load_if_exists=True).trials) == 5
 
 
 def test_tune_argument_errors_name_the_fix(tmp_path):
@@ -224,7 +226,7 @@ def test_a_killed_worker_leaves_a_failed_trial_that_is_retried(tmp_path):
     time.sleep(3)  # past the 2 s grace period since its last heartbeat
     train, valid = blobs(150)
     ln.tune(clf_setup, train, valid_data=valid, epochs=2, monitor="valid_acc", n_trials=2, storage=db,
-            study_name="kill", heartbeat_interval=1, grace_period=2)
+            study_name="kill", heartbeat_interval=1, grace_period=2, load_if_exists=True)
     trials = optuna.load_study(study_name="kill", storage=ln.tuning.storage(db)).trials
     assert trials[0].state == optuna.trial.TrialState.FAIL
     retry_cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or (

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from ..core.callback import Callback
 from ..core.context import Context
 from ..errors import LanternaError
@@ -15,7 +17,9 @@ class GradientAccumulation(Callback):
     Each batch's loss is divided by the number of batches in its group before backward, so with a
     mean-reduced loss and equal batch sizes one step equals a step on one batch ``n_batches`` times larger.
     Groups restart every epoch; a last, shorter group of an epoch is stepped at its end and averaged over its
-    own size. Reported losses and metrics are the unscaled per-batch values.
+    own size (on data without a length, whose last group cannot be known in advance, its gradient is rescaled
+    from ``1/n_batches`` to ``1/size`` before the step). Reported losses and metrics are the unscaled per-batch
+    values; ``ctx.step`` counts optimizer steps.
 
     It composes with the rest: gradient clipping and ``on_train_batch_before_step`` / ``_after_step`` hooks
     run only on the real steps (on the accumulated gradient), 16-bit mixed precision keeps one scaler update
@@ -37,6 +41,7 @@ class GradientAccumulation(Callback):
                                 "of batches per optimizer step, e.g. GradientAccumulation(4).")
         self.n_batches = n_batches
         self._scale = 1.0
+        self._in_group = 0  # batches accumulated in the current group
         self._common: int | None = None  # under DDP: batches that every rank has this epoch
 
     def __repr__(self) -> str:
@@ -52,6 +57,7 @@ class GradientAccumulation(Callback):
         total = ctx.num_batches
         size = self.n_batches if total is None else min(self.n_batches, total - start)
         ctx.accumulating = i - start + 1 < size
+        self._in_group = i - start + 1
         self._scale = 1.0 / size
         if ctx.dist is not None:  # skip the all-reduce only inside groups that are whole on every rank
             ctx.dist.set_grad_sync(not (ctx.accumulating and self._common is not None
@@ -66,7 +72,14 @@ class GradientAccumulation(Callback):
             ctx.dist.set_grad_sync(True)
         if ctx.accumulating:  # data of unknown length ended inside a group: step on what was accumulated
             ctx.accumulating = False
+            k = self._in_group
+            if k < self.n_batches:  # each loss was divided by n_batches: make it the mean over the k batches
+                grads = [p.grad for opt in ctx.optimizers.values() for g in opt.param_groups for p in g["params"]
+                         if p.grad is not None]
+                if grads:
+                    torch._foreach_mul_(grads, self.n_batches / k)
             ctx.step_optimizer()
+            ctx.step += 1
         ctx.accumulating = False
 
     def on_fit_end(self, ctx: Context) -> None:

@@ -16,7 +16,9 @@ import contextlib
 import hashlib
 import math
 import os
+import re
 import signal
+import string
 import sys
 import threading
 import warnings
@@ -32,12 +34,13 @@ from ..core.context import Context
 from ..data.sources import BatchSource, TensorBatches
 from ..errors import CheckpointError, LanternaError, ModelMismatchError, MonitorError
 from ..io.artifact import encode_json, import_path, load_weights_strict
-from ..io.atomic import TEMP_MARKER, fsync_dir, sweep_temp_files
+from ..io.atomic import TEMP_MARKER, explain_write_error, fsync_dir, sweep_temp_files
 from ..io.checkpoint import save_checkpoint, scan_checkpoints, verify_checkpoint
 from ..io.rng import capture_rng_state, restore_rng_state
 from .monitor import Monitor, available_monitors
 
-__all__ = ["ModelCheckpoint", "AutoResume", "training_state", "restore_training_state", "data_generators"]
+__all__ = ["ModelCheckpoint", "AutoResume", "training_state", "restore_training_state", "data_generators",
+           "safe_name"]
 
 _END = object()
 PREEMPTION_EXIT_CODE = 143  # 128 + SIGTERM: what schedulers (SLURM, Kubernetes) read as "terminated, requeue"
@@ -87,9 +90,20 @@ def _callbacks(ctx: Context) -> list[tuple[str, Callback]]:
     return [(_callback_key(cb, counts), cb) for cb in (hooks.callbacks if hooks is not None else [])]
 
 
+def _class_name(obj: Any) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def _param_shapes(opt: torch.optim.Optimizer) -> list[list[list[int]]]:
+    return [[list(p.shape) for p in g["params"]] for g in opt.param_groups]
+
+
 def _module_meta(ctx: Context) -> dict[str, Any]:
     setup = getattr(ctx, "setup", None)
-    meta: dict[str, Any] = {"module": import_path(type(ctx.model)) if ctx.model is not None else None}
+    meta: dict[str, Any] = {"module": import_path(type(ctx.model)) if ctx.model is not None else None,
+                            "optimizers": {name: _class_name(opt) for name, opt in ctx.optimizers.items()},
+                            "param_shapes": {name: _param_shapes(opt) for name, opt in ctx.optimizers.items()},
+                            "schedulers": [_class_name(s) for s in getattr(ctx, "schedulers", None) or []]}
     for key in ("hparams", "opt_hparams"):
         try:
             meta[key] = encode_json(dict(getattr(setup, key, {}) or {}), key)
@@ -133,20 +147,113 @@ def _lanterna_version() -> str:
     return __version__
 
 
+def _few(items: list[str], n: int = 6) -> str:
+    return ", ".join(items[:n]) + (f" ... ({len(items)} in all)" if len(items) > n else "")
+
+
+def _model_differences(model: torch.nn.Module, saved: Any) -> list[str]:
+    expected = model.state_dict()
+    saved = saved if isinstance(saved, dict) else {}
+    missing = [k for k in expected if k not in saved]
+    unexpected = [k for k in saved if k not in expected]
+    shapes = [f"{k}: saved {tuple(saved[k].shape)}, this model {tuple(expected[k].shape)}" for k in expected
+              if isinstance(saved.get(k), torch.Tensor) and tuple(saved[k].shape) != tuple(expected[k].shape)]
+    out = []
+    if missing:
+        out.append(f"missing in the checkpoint: {_few(missing)}")
+    if unexpected:
+        out.append(f"not in this model: {_few(unexpected)}")
+    if shapes:
+        out.append(f"different shapes: {_few(shapes)}")
+    return out
+
+
+def _group_sizes(groups: Any) -> list[int]:
+    return [len(g.get("params") or []) for g in groups or []]
+
+
+def _optimizer_differences(ctx: Context, state: dict[str, Any]) -> list[str]:
+    saved_opts = state.get("optimizers") or {}
+    if set(saved_opts) != set(ctx.optimizers):
+        return [f"optimizers: saved {sorted(saved_opts)}, this fit {sorted(ctx.optimizers)}"]
+    classes = (state.get("meta") or {}).get("optimizers") or {}
+    shapes = (state.get("meta") or {}).get("param_shapes") or {}
+    out = []
+    for name, opt in ctx.optimizers.items():
+        saved_groups = (saved_opts[name] or {}).get("param_groups") or []
+        live = _class_name(opt)
+        if name in classes and classes[name] != live:
+            out.append(f"optimizer {name!r}: saved {classes[name]}, this fit {live}")
+            continue
+        if name not in classes:  # a checkpoint without the class: its hyperparameter names tell another class
+            saved_keys = set().union(*(g.keys() for g in saved_groups)) - {"params"}
+            live_keys = set().union(*(g.keys() for g in opt.param_groups)) - {"params"}
+            if saved_keys - live_keys and live_keys - saved_keys:
+                out.append(f"optimizer {name!r}: other hyperparameters (saved {sorted(saved_keys - live_keys)}, "
+                           f"this fit {sorted(live_keys - saved_keys)}): another optimizer class")
+                continue
+        saved_sizes, live_sizes = _group_sizes(saved_groups), _group_sizes(opt.param_groups)
+        if saved_sizes != live_sizes:
+            out.append(f"optimizer {name!r} param groups: saved {len(saved_sizes)} "
+                       f"({', '.join(map(str, saved_sizes))} parameters), this fit {len(live_sizes)} "
+                       f"({', '.join(map(str, live_sizes))} parameters)")
+        elif name in shapes and [list(map(list, g)) for g in shapes[name]] != _param_shapes(opt):
+            at = next((i, j) for i, (a, b) in enumerate(zip(shapes[name], _param_shapes(opt)))
+                      for j, (x, y) in enumerate(zip(a, b)) if list(x) != y)
+            out.append(f"optimizer {name!r} parameters in another order or of other shapes (group {at[0]}, "
+                       f"parameter {at[1]}: saved {tuple(shapes[name][at[0]][at[1]])}, this fit "
+                       f"{tuple(opt.param_groups[at[0]]['params'][at[1]].shape)})")
+    return out
+
+
+def _scheduler_differences(ctx: Context, state: dict[str, Any]) -> list[str]:
+    live = [_class_name(s) for s in getattr(ctx, "schedulers", None) or []]
+    saved_states = state.get("schedulers") or []
+    saved = (state.get("meta") or {}).get("schedulers")
+    if len(saved_states) == len(live) and (saved is None or list(saved) == live):
+        return []
+
+    def shown(names: list[str] | None, n: int) -> str:
+        if names is None:
+            return f"{n} scheduler{'s' * (n != 1)}"
+        return ", ".join(x.rsplit(".", 1)[-1] for x in names) or "none"
+
+    return [f"schedulers: saved {shown(saved, len(saved_states))}, this fit {shown(live, len(live))}"]
+
+
 def restore_training_state(ctx: Context, state: dict[str, Any], *, where: str = "checkpoint",
-                           rng: bool = True) -> None:
+                           rng: bool = True, folder: str | os.PathLike[str] | None = None) -> None:
     """Load a checkpoint's state into ``ctx`` (model, optimizers, schedulers, scaler, step, history, callback
-    states and, with ``rng``, the RNG states). Raises a clear error when it does not fit this fit."""
+    states and, with ``rng``, the RNG states).
+
+    Everything is checked before anything is loaded, so a refused checkpoint changes nothing: another model
+    (missing, unexpected or differently shaped entries) is a :class:`ModelMismatchError`; another optimizer
+    class, other param groups or other schedulers a :class:`CheckpointError`, each saying what differs.
+
+    Args:
+        ctx: the fit's context.
+        state: a checkpoint dict (:func:`lanterna.io.load_checkpoint`).
+        where: the checkpoint's name, for messages.
+        rng: restore the RNG states too.
+        folder: the resume folder, named in the messages as the one to remove to start afresh.
+
+    >>> # inside a callback's on_fit_begin:  restore_training_state(ctx, load_checkpoint("ckpt.pt"))
+    """
+    fix = ("Resume with the same setup, or delete it to start afresh"
+           + (f" (AutoResume: remove the folder {os.fspath(folder)!r})" if folder is not None else "")
+           + ". Nothing was loaded.")
+    model_diff = _model_differences(ctx.model, state.get("model"))
+    if model_diff:
+        raise ModelMismatchError(f"The checkpoint {where} does not fit {type(ctx.model).__name__}: "
+                                 f"{'; '.join(model_diff)}. {fix}")
+    setup_diff = _optimizer_differences(ctx, state) + _scheduler_differences(ctx, state)
+    if setup_diff:
+        raise CheckpointError(f"The checkpoint {where} was written by another setup: {'; '.join(setup_diff)}. {fix}")
     try:
         load_weights_strict(ctx.model, state["model"], where=f"checkpoint {where}")
     except ModelMismatchError as e:
         raise ModelMismatchError(f"{e} (The checkpoint is {where}; delete it to start afresh.)") from None
     saved_opts = state.get("optimizers") or {}
-    if set(saved_opts) != set(ctx.optimizers):
-        raise CheckpointError(
-            f"The checkpoint {where} has optimizers {sorted(saved_opts)} but this fit has {sorted(ctx.optimizers)}."
-            " Resume with the same setup, or delete the checkpoint to start afresh."
-        )
     for name, opt in ctx.optimizers.items():
         try:
             opt.load_state_dict(saved_opts[name])
@@ -199,6 +306,11 @@ def _data_fingerprint(ctx: Context) -> dict[str, Any]:
 
 def _check_writable(folder: Path, who: str) -> None:
     """Create ``folder`` and prove a file can be written there, before training starts."""
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(
+            f"{who}: {str(folder)!r} is an existing file, not a folder. Give a folder path, or remove or rename "
+            "the file (checked before training, so no epoch is lost)."
+        )
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".probe{TEMP_MARKER}{os.getpid()}-{os.urandom(4).hex()}"
@@ -207,9 +319,59 @@ def _check_writable(folder: Path, who: str) -> None:
         os.unlink(probe)
     except OSError as e:
         raise CheckpointError(
-            f"{who} cannot write to {str(folder)!r}: {e.strerror or e}. Choose a folder you can write to "
-            "(checked before training, so no epoch is lost)."
-        ) from None
+            f"{who} cannot write to {str(folder)!r}: {explain_write_error(e)} (checked before training, so no "
+            "epoch is lost)."
+        ) from e
+
+
+def _path_arg(path: Any, who: str, what: str) -> str:
+    if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str):
+        raise LanternaError(f"{who}(path={path!r}): give {what} (str or pathlib.Path).")
+    text = os.fspath(path)
+    if not text.strip():
+        raise LanternaError(
+            f"{who}(path={text!r}): the path is empty, so the files would land in the working directory. Give "
+            f"{what}, e.g. 'checkpoints/'."
+        )
+    return text
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def safe_name(value: str) -> str:
+    """``value`` made safe as a part of a file name: every character but ``A-Z a-z 0-9 . _ -`` becomes ``_``
+    (path separators included), and a leading ``.`` too (no ``..`` component, no hidden file).
+
+    Args:
+        value: a monitor name or a template field's formatted value.
+
+    >>> safe_name("train_../../../x"), safe_name(".."), safe_name("valid_loss")
+    ('train_.._.._.._x', '_.', 'valid_loss')
+    """
+    text = _UNSAFE.sub("_", value)
+    return "_" + text[1:] if text.startswith(".") else text
+
+
+class _SafeFormatter(string.Formatter):
+    """``str.format`` whose fields' values pass through :func:`safe_name`; the template's own text is kept."""
+
+    def format_field(self, value: Any, format_spec: str) -> str:
+        return safe_name(super().format_field(value, format_spec))
+
+
+class _AnyField(dict):  # type: ignore[type-arg]
+    """Template fields for a check before training when the names are not known yet (a custom step)."""
+
+    def __missing__(self, key: str) -> float:
+        return 0.0
+
+
+class _DefaultMonitor(str):
+    """The default ``monitor``, told apart from the same name given explicitly."""
+
+
+_DEFAULT_MONITOR = _DefaultMonitor("valid_loss")
 
 
 def _to(value: Any, device: torch.device) -> Any:
@@ -233,6 +395,12 @@ class ModelCheckpoint(Callback):
     name (``"best.pt"``, overwritten at each save). With ``save_best_only`` the first epoch is saved, then
     each epoch that improves on the best by more than ``min_delta``.
 
+    File names never leave the folder: the monitor name and the template fields' values keep only
+    ``A-Z a-z 0-9 . _ -`` (the rest becomes ``_``, see :func:`safe_name`), and a file that would resolve
+    outside the folder is an error. Write ``{{`` and ``}}`` for literal braces in a template. Without
+    validation data a ``valid_*`` monitor that only names the files (or the default monitor) falls back to
+    ``train_*``, with a warning; a ``valid_*`` monitor given for ``save_best_only`` is an error.
+
     Each file is written atomically and loads with ``torch.load(path, weights_only=True)``: its ``"model"``
     entry is the state_dict (``model.load_state_dict(ckpt["model"])``); it also holds what a resume needs.
     ``.best_path`` / ``.last_path`` / ``.saved`` tell which files were written. Only the main process writes.
@@ -254,15 +422,27 @@ class ModelCheckpoint(Callback):
     def __init__(
         self,
         path: str | os.PathLike[str] = "checkpoints/",
-        monitor: str = "valid_loss",
+        monitor: str = _DEFAULT_MONITOR,
         save_best_only: bool = False,
         mode: str = "auto",
         min_delta: float = 0,
     ) -> None:
-        if not isinstance(path, (str, os.PathLike)):
-            raise LanternaError(f"ModelCheckpoint(path={path!r}): give a folder, a file name or a template (str).")
-        self.path = os.fspath(path)
-        self.monitor = Monitor(monitor, mode, min_delta)
+        self.path = _path_arg(path, "ModelCheckpoint", "a folder, a file name or a template")
+        try:
+            parts = list(string.Formatter().parse(self.path))
+        except ValueError as e:
+            raise LanternaError(f"ModelCheckpoint(path={self.path!r}) is not a valid template: {e}. Write {{{{ and "
+                                "}} for literal braces.") from None
+        self._template = any(field is not None for _, field, _, _ in parts)
+        self._plain = self.path if self._template else "".join(text for text, _, _, _ in parts)  # braces unescaped
+        prefix = ""
+        for text, field, _, _ in parts:
+            prefix += text
+            if field is not None:
+                break
+        self._prefix = prefix  # a template's literal text before its first field: the folder the user named
+        self._requested = (monitor, mode, monitor is _DEFAULT_MONITOR)
+        self.monitor = Monitor(str(monitor), mode, min_delta)
         self.save_best_only = bool(save_best_only)
         self.best_path: Path | None = None
         self.last_path: Path | None = None
@@ -278,14 +458,34 @@ class ModelCheckpoint(Callback):
 
     def _layout(self) -> tuple[str, Path]:
         """``("template"|"folder"|"file", folder)``."""
-        p = self.path
-        if "{" in p:
-            prefix = p.split("{", 1)[0]
-            folder = Path(prefix) if prefix.endswith(("/", os.sep)) else Path(prefix).parent
-            return "template", folder
+        if self._template:
+            prefix = self._prefix
+            return "template", Path(prefix) if prefix.endswith(("/", os.sep)) else Path(prefix).parent
+        p = self._plain
         if p.endswith(("/", os.sep)) or Path(p).is_dir() or not Path(p).suffix:
             return "folder", Path(p)
         return "file", Path(p).parent
+
+    def _fill(self, fields: dict[str, Any], folder: Path) -> Path:
+        """The template filled with safe field values; an error if the file would lie outside ``folder``."""
+        path = Path(_SafeFormatter().vformat(self.path, (), fields))
+        base, target = folder.resolve(), path.resolve()
+        if base not in target.parents or TEMP_MARKER in path.name:
+            raise CheckpointError(
+                f"ModelCheckpoint: the template {self.path!r} gives the file {str(path)!r}, which lies outside the "
+                f"folder {str(folder)!r} that the template names (or is that folder). Keep '..' out of the part "
+                "after the first field."
+            )
+        return path
+
+    def _inside(self, saved: str | None, outside: list[str]) -> Path | None:
+        if not saved:
+            return None
+        folder = self._layout()[1].resolve()
+        if folder in Path(saved).resolve().parents:
+            return Path(saved)
+        outside.append(saved)
+        return None
 
     def _fields(self, ctx: Context, value: float) -> dict[str, Any]:
         rec = ctx.history[-1] if ctx.history else {}
@@ -297,26 +497,44 @@ class ModelCheckpoint(Callback):
         kind, folder = self._layout()
         if kind == "folder":
             shown = "nan" if math.isnan(value) else f"{value:.3f}"
-            return folder / f"epoch-{ctx.epoch:02d}-{self.monitor.name}-{shown}.pt"
+            return folder / f"epoch-{ctx.epoch:02d}-{safe_name(self.monitor.name)}-{shown}.pt"
         if kind == "file":
-            return Path(self.path)
+            return Path(self._plain)
         try:
-            return Path(self.path.format(**self._fields(ctx, value)))
-        except (KeyError, IndexError, ValueError) as e:
+            return self._fill(self._fields(ctx, value), folder)
+        except (KeyError, IndexError, ValueError, AttributeError) as e:
             raise MonitorError(f"ModelCheckpoint path template {self.path!r} cannot be filled: {e!r}. Fields: "
                                f"{', '.join(sorted(self._fields(ctx, value)))}.") from None
 
+    def _choose_monitor(self, ctx: Context) -> None:
+        """Without validation data, a valid_* monitor that only names the files (or the default one) falls
+        back to the training set's, as ReduceLROnPlateau does."""
+        name, mode, default = self._requested
+        name = str(name)
+        if ctx.valid_data is None and name.startswith("valid_") and (default or not self.save_best_only):
+            known = available_monitors(ctx)
+            train = next((n for n in ("train_" + name[len("valid_"):], "train_loss") if n in known), None)
+            if train is not None:
+                role = "chooses the best epoch" if self.save_best_only else "only names the files"
+                warnings.warn(
+                    f"ModelCheckpoint: no validation data, so the monitor {name!r} is replaced by {train!r} (it "
+                    f"{role}). Pass valid_data to fit, or monitor={train!r} to say so.", stacklevel=2)
+                name = train
+        if name != self.monitor.name:
+            self.monitor = Monitor(name, mode, self.monitor.min_delta)
+
     def on_fit_begin(self, ctx: Context) -> None:
+        self._choose_monitor(ctx)
         self.monitor.check_known(ctx)
         kind, folder = self._layout()
-        if kind == "template" and not getattr(ctx, "custom_step", False):
+        if kind == "template":
             dummy = {**{k: 0.0 for k in available_monitors(ctx)}, "epoch": 1, "step": 1, "monitor": 0.0}
             try:
-                self.path.format(**dummy)
-            except (KeyError, IndexError, ValueError) as e:
+                self._fill(_AnyField(dummy) if getattr(ctx, "custom_step", False) else dummy, folder)
+            except (KeyError, IndexError, ValueError, AttributeError) as e:
                 raise MonitorError(
                     f"ModelCheckpoint path template {self.path!r} uses {e!r}, which is not available. Fields: "
-                    f"{', '.join(sorted(dummy))}."
+                    f"{', '.join(sorted(dummy))}. (Write {{{{ and }}}} for literal braces.)"
                 ) from None
         if getattr(ctx, "start_epoch", 0) == 0:
             self.monitor.best, self.best_path, self.last_path, self.saved = None, None, None, []
@@ -345,9 +563,13 @@ class ModelCheckpoint(Callback):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.monitor.best = state.get("best")
-        self.best_path = Path(state["best_path"]) if state.get("best_path") else None
-        self.last_path = Path(state["last_path"]) if state.get("last_path") else None
-        self.saved = [Path(p) for p in state.get("saved") or []]
+        outside: list[str] = []  # a path read from a file never points outside this callback's folder
+        self.best_path = self._inside(state.get("best_path"), outside)
+        self.last_path = self._inside(state.get("last_path"), outside)
+        self.saved = [p for p in (self._inside(s, outside) for s in state.get("saved") or []) if p is not None]
+        if outside:
+            warnings.warn(f"ModelCheckpoint: the restored state names files outside {str(self._layout()[1])!r} "
+                          f"({_few(sorted(set(outside)))}); they are ignored.", stacklevel=2)
 
 
 # ---------------------------------------------------------------------------- AutoResume
@@ -422,8 +644,7 @@ class AutoResume(Callback):
 
     def __init__(self, path: str | os.PathLike[str] = "checkpoints/resume/", keep_last: int = 2,
                  handle_sigterm: bool = True) -> None:
-        if not isinstance(path, (str, os.PathLike)):
-            raise LanternaError(f"AutoResume(path={path!r}): give a folder path (str or pathlib.Path).")
+        path = _path_arg(path, "AutoResume", "a folder path")
         if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
             raise LanternaError(f"AutoResume(keep_last={keep_last!r}): keep at least one checkpoint (an int >= 1).")
         self.path = Path(path)
@@ -488,7 +709,7 @@ class AutoResume(Callback):
 
     def _resume(self, ctx: Context, path: Path, state: dict[str, Any]) -> None:
         position = state.get("position")
-        restore_training_state(ctx, state, where=str(path), rng=position is None)
+        restore_training_state(ctx, state, where=str(path), rng=position is None, folder=self.path)
         epoch = int(state.get("epoch", 0))
         ctx.start_epoch = epoch
         ctx.epoch = epoch
@@ -528,7 +749,7 @@ class AutoResume(Callback):
         if pending is not None:
             # Put back what the interrupted run had at this point: callbacks' on_epoch_begin/on_train_begin
             # have run again, so their effects are overwritten by the saved state.
-            restore_training_state(ctx, pending, where=str(self.resumed_from), rng=False)
+            restore_training_state(ctx, pending, where=str(self.resumed_from), rng=False, folder=self.path)
             ctx.record.clear()
             ctx.record.update(pending.get("record") or {})
             ctx._logs = {k: [_to(v[0], ctx.device), v[1]] for k, v in (pending.get("logs") or {}).items()}

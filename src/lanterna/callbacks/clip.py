@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 
 import torch
 
@@ -24,8 +25,8 @@ class GradientClip(Callback):
     ``max_norm`` is in the true gradient scale. No device synchronisation: the norm stays on the device.
 
     Args:
-        max_norm: the largest total gradient norm allowed (> 0).
-        norm_type: the p of the p-norm (``2``, ``1``, ``float("inf")``).
+        max_norm: the largest total gradient norm allowed (a finite number > 0).
+        norm_type: the p of the p-norm (``2``, ``1``, ``float("inf")`` or ``"inf"``).
 
     >>> import lanterna as ln
     >>> cb = ln.callbacks.GradientClip(max_norm=1.0)
@@ -33,14 +34,17 @@ class GradientClip(Callback):
 
     order = 100
 
-    def __init__(self, max_norm: float, norm_type: float = 2.0) -> None:
-        max_norm, norm_type = float(max_norm), float(norm_type)
-        if not max_norm > 0 or math.isnan(max_norm):
-            raise LanternaError(f"GradientClip(max_norm={max_norm!r}): max_norm must be a positive number.")
-        if not (norm_type > 0 or math.isinf(norm_type)):
-            raise LanternaError(f"GradientClip(norm_type={norm_type!r}): use a positive p, or float('inf').")
-        self.max_norm = max_norm
-        self.norm_type = norm_type
+    def __init__(self, max_norm: float, norm_type: float | str = 2.0) -> None:
+        norm = _number(max_norm)
+        if norm is None or not (0 < norm < math.inf):
+            raise LanternaError(f"GradientClip(max_norm={max_norm!r}): max_norm must be a positive finite number, "
+                                "e.g. GradientClip(max_norm=1.0).")
+        p = math.inf if isinstance(norm_type, str) and norm_type.strip().lower() == "inf" else _number(norm_type)
+        if p is None or not p > 0:
+            raise LanternaError(f"GradientClip(norm_type={norm_type!r}): norm_type must be a positive number (the p "
+                                "of the p-norm, e.g. 2 or 1) or 'inf' / float('inf').")
+        self.max_norm = norm
+        self.norm_type = p
         self._params: dict[str | None, list[torch.Tensor]] = {}
 
     def on_fit_begin(self, ctx: Context) -> None:
@@ -60,3 +64,12 @@ class GradientClip(Callback):
 
     def __repr__(self) -> str:
         return f"GradientClip(max_norm={self.max_norm}, norm_type={self.norm_type})"
+
+
+def _number(value: object) -> float | None:
+    """``value`` as a float when it is a real number (or a one-element tensor), else None; bools are not numbers."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)

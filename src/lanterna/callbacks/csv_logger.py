@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import os
 from pathlib import Path
@@ -11,6 +13,7 @@ from typing import Any
 from ..core.callback import Callback
 from ..core.context import Context
 from ..errors import LanternaError
+from ..io.atomic import atomic_write_bytes, explain_write_error
 
 __all__ = ["CSVLogger"]
 
@@ -47,6 +50,8 @@ class CSVLogger(Callback):
 
     def on_fit_begin(self, ctx: Context) -> None:
         self._fields = None  # decided at the first epoch end, when a resume has restored start_epoch
+        if getattr(ctx, "is_main", True):
+            self._check_writable()
 
     def on_epoch_end(self, ctx: Context) -> None:
         if not getattr(ctx, "is_main", True):
@@ -60,11 +65,40 @@ class CSVLogger(Callback):
             rows = self._read()
             self._fields += new
             self._rewrite(rows)
-        with self.path.open("a", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=self._fields, delimiter=self.separator)
-            writer.writerow({k: _cell(v) for k, v in record.items()})
+        line = io.StringIO()
+        csv.DictWriter(line, fieldnames=self._fields, delimiter=self.separator).writerow(
+            {k: _cell(v) for k, v in record.items()})
+        size = self.path.stat().st_size if self.path.exists() else 0
+        try:
+            with self.path.open("a", newline="", encoding="utf-8") as f:
+                f.write(line.getvalue())
+        except OSError as e:
+            with contextlib.suppress(OSError):  # no half-written row: the rows already there stay valid
+                os.truncate(self.path, size)
+            raise self._write_error(e) from e
 
     # ------------------------------------------------------------------ file handling
+    def _check_writable(self) -> None:
+        """Fail before training, not after the first epoch: create the folder and the temp file the rows go
+        through (an existing log is opened for appending, never truncated: a resume keeps it)."""
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with tmp.open("w", encoding="utf-8"):
+                pass
+            tmp.unlink()
+            if self.path.exists():
+                with self.path.open("a", encoding="utf-8"):
+                    pass
+        except OSError as e:
+            blocker = next((p for p in self.path.parents if p.exists()), None)
+            cause = (f"{str(blocker)!r} is a file, not a folder" if blocker is not None and not blocker.is_dir()
+                     else f"{type(e).__name__}: {e.strerror or e}")
+            raise LanternaError(
+                f"CSVLogger cannot write {str(self.path)!r} ({cause}). Give a path in a folder you can write to, "
+                "e.g. CSVLogger('logs/history.csv')."
+            ) from e
+
     def _start(self, ctx: Context) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         start = int(getattr(ctx, "start_epoch", 0) or 0)
@@ -90,12 +124,18 @@ class CSVLogger(Callback):
             return list(csv.DictReader(f, delimiter=self.separator))
 
     def _rewrite(self, rows: list[dict[str, Any]]) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with tmp.open("w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=self._fields or ["epoch"], delimiter=self.separator)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, self.path)
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=self._fields or ["epoch"], delimiter=self.separator)
+        writer.writeheader()
+        writer.writerows(rows)
+        try:  # the previous file stays whole if this fails (a full disk), and no temp file is left
+            atomic_write_bytes(self.path, text.getvalue().encode("utf-8"))
+        except OSError as e:
+            raise self._write_error(e) from e
+
+    def _write_error(self, e: OSError) -> LanternaError:
+        return LanternaError(f"CSVLogger could not write {str(self.path)!r}: {explain_write_error(e)}. The rows "
+                             "written before are kept.")
 
     def __repr__(self) -> str:
         return f"CSVLogger({str(self.path)!r})"

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from ..core.callback import Callback
 from ..core.context import Context
 from ..errors import LanternaError
-from .monitor import Monitor
+from .monitor import Monitor, finite_number
 
 __all__ = ["EarlyStopping"]
 
@@ -27,7 +29,9 @@ class EarlyStopping(Callback):
         monitor: a history key such as ``"valid_loss"``, ``"train_loss"``, ``"valid_acc"``.
         min_delta: the smallest change that counts as an improvement.
         patience: epochs without improvement to wait before stopping.
-        mode: ``"min"``, ``"max"`` or ``"auto"`` (maximise accuracy/AUROC-like metrics, minimise the rest).
+        mode: ``"min"``, ``"max"`` or ``"auto"``: the direction of the metric behind ``monitor`` (its
+            ``higher_is_better``; ``*_loss`` is minimised), read at fit begin; a name whose direction cannot be
+            known (a ``ctx.log`` value) needs ``"min"`` or ``"max"``.
         baseline: a value the monitor must beat; epochs that do not beat it count as not improving.
 
     >>> import lanterna as ln
@@ -47,16 +51,16 @@ class EarlyStopping(Callback):
         mode: str = "auto",
         baseline: float | None = None,
     ) -> None:
-        if int(patience) != patience or patience < 0:
+        if isinstance(patience, bool) or not isinstance(patience, (int, np.integer)) or patience < 0:
             raise LanternaError(f"EarlyStopping(patience={patience!r}): patience must be an integer >= 0.")
         self.monitor = Monitor(monitor, mode, min_delta)
         self.patience = int(patience)
-        self.baseline = None if baseline is None else float(baseline)
+        self.baseline = None if baseline is None else finite_number(baseline, "EarlyStopping baseline")
         self._reset()
 
     @property
     def mode(self) -> str:
-        """The resolved mode, ``"min"`` or ``"max"``."""
+        """The mode, ``"min"`` or ``"max"`` (``"auto"`` until fit begins, for a name that is not a loss)."""
         return self.monitor.mode
 
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -21,7 +22,9 @@ class KeepBestModel(Callback):
     The first epoch is the first best; a later epoch is better when it beats the best by more than
     ``min_delta``. The copy lives on the CPU and is taken only on improving epochs. Weights are restored
     whenever fit ends with a best epoch — completed, stopped early, interrupted (Ctrl-C) or stopped — but
-    not when fit fails with an error. The copy is part of the callback's state, so a resumed fit keeps it.
+    not when fit fails with an error. When nothing is restored (fit failed, no epoch completed, or every
+    monitored value was NaN) a warning says why. The copy is part of the callback's state, so a resumed fit
+    keeps it.
 
     Args:
         monitor: a history key such as ``"valid_loss"`` or ``"valid_acc"``.
@@ -57,6 +60,18 @@ class KeepBestModel(Callback):
     def on_fit_end(self, ctx: Context) -> None:
         if self.best_state is not None and ctx.status != "failed":
             ctx.model.load_state_dict(self.best_state)
+            return
+        if ctx.epoch <= getattr(ctx, "start_epoch", 0):
+            return  # fit ended before its first epoch (an error in on_fit_begin): nothing was trained
+        if self.best_state is None:
+            done = [r for r in ctx.history if self.monitor.name in r]
+            why = (f"no epoch had a comparable {self.monitor.name} (all {len(done)} were NaN)" if done
+                   else f"no epoch completed (fit {ctx.status} during epoch {ctx.epoch})")
+            warnings.warn(f"KeepBestModel restored nothing: {why}; the model keeps the weights it had when fit "
+                          "ended.", stacklevel=2)
+        else:
+            warnings.warn(f"KeepBestModel: fit failed, so the weights of the best epoch ({self.best_epoch}) were not "
+                          "restored; the model keeps the weights it had when fit failed.", stacklevel=2)
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.monitor.best, "best_epoch": self.best_epoch, "best_state": self.best_state}

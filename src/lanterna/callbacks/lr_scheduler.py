@@ -12,7 +12,7 @@ from torch.optim import lr_scheduler as torch_sched
 from ..core.callback import Callback
 from ..core.context import Context
 from ..errors import LanternaError
-from .monitor import Monitor, resolve_mode
+from .monitor import Monitor
 
 __all__ = ["LRScheduler", "LRRecorder", "current_lrs"]
 
@@ -57,8 +57,9 @@ class LRScheduler(Callback):
     optimizer the fit really uses), registered in ``ctx.schedulers``, and stepped ``call_on``:
     ``"on_epoch_end"`` (default) or ``"on_train_batch_end"`` for per-batch schedules such as OneCycleLR.
     ``ReduceLROnPlateau`` is stepped with the ``monitor`` value (``train_loss`` when there is no validation
-    and ``monitor`` is the default); its ``mode`` follows the monitor (``"max"`` for accuracy-like
-    metrics) unless given. A per-batch schedule steps once per optimizer step (under GradientAccumulation,
+    and ``monitor`` is the default); its ``mode`` follows the monitored metric's direction
+    (``higher_is_better``: ``"max"`` for accuracies and AUROCs) unless given, and must be given for a
+    ``ctx.log`` value. A per-batch schedule steps once per optimizer step (under GradientAccumulation,
     once per group of batches); ``OneCycleLR`` without ``total_steps`` / ``epochs`` gets
     ``total_steps = max_epochs × optimizer steps per epoch``. Its state (``state_dict``) goes into
     checkpoints.
@@ -126,9 +127,9 @@ class LRScheduler(Callback):
             name = self.monitor_name
             if name == "valid_loss" and ctx.valid_data is None:
                 name = "train_loss"
-            self.monitor = Monitor(name, "auto")
+            self.monitor = Monitor(name, kwargs.get("mode", "auto"))
             self.monitor.check_known(ctx)
-            kwargs.setdefault("mode", resolve_mode(name, "auto"))
+            kwargs.setdefault("mode", self.monitor.mode)
         one_cycle = _is_subclass(self.scheduler_cls, torch_sched.OneCycleLR)
         if one_cycle and "total_steps" not in kwargs and "epochs" not in kwargs:
             n = ctx.train_data.num_batches() if ctx.train_data is not None else None

@@ -14,13 +14,21 @@ __all__ = ["TerminateOnNaN"]
 
 
 class TerminateOnNaN(Callback):
-    """On by default: a NaN/Inf training loss raises :class:`NonFiniteLossError` before backward, so the
-    parameters keep the values of the last good step. Disable with
-    ``callbacks=[ln.callbacks.TerminateOnNaN(enabled=False)]``.
+    """On by default: a NaN/Inf training loss raises :class:`NonFiniteLossError` before backward, and a NaN/Inf
+    gradient (of a finite loss: ``sqrt`` at 0, ``log`` of 0 ...) raises it before the optimizer step, so the
+    parameters keep the values of the last good step. The error's ``.fitted`` is the Fitted at that step. Disable
+    with ``callbacks=[ln.callbacks.TerminateOnNaN(enabled=False)]``, or keep only the loss check with
+    ``check_gradients=False``.
 
-    The check reads the loss once per batch. On CPU that is a plain memory read, done through a NumPy view of
-    a one-element buffer (no tensor method reads it, so the hot path's no-read tests hold); on an accelerator it
-    waits for the step's kernels (docs/performance.md).
+    The loss check reads the loss once per batch; the gradient check runs torch's fused non-finite check (the one
+    ``GradScaler`` uses) over the gradients about to be applied and reads its flag. On CPU both reads are plain
+    memory reads through NumPy views of small buffers (no tensor method reads them, so the hot path's no-read
+    tests hold); on an accelerator each waits for the step's kernels (docs/performance.md). Under 16-bit mixed
+    precision the gradient check is left to the grad scaler, which skips steps with non-finite gradients.
+
+    Args:
+        enabled: False turns both checks off.
+        check_gradients: False turns the gradient check off (it reads every gradient once per optimizer step).
 
     >>> import lanterna as ln
     >>> cb = ln.callbacks.TerminateOnNaN(enabled=False)
@@ -28,13 +36,21 @@ class TerminateOnNaN(Callback):
 
     order = -1000
 
-    def __init__(self, enabled: bool = True) -> None:
+    def __init__(self, enabled: bool = True, check_gradients: bool = True) -> None:
         self.enabled = enabled
+        self.check_gradients = check_gradients
         self._new_buffer()
+
+    def __repr__(self) -> str:
+        return f"TerminateOnNaN(enabled={self.enabled}, check_gradients={self.check_gradients})"
 
     def _new_buffer(self) -> None:
         self._host = torch.zeros((), dtype=torch.float64)
         self._view = self._host.numpy()  # shares the buffer's memory
+        self._found = torch.zeros(1)  # the fused check's flag on the CPU (per device: _flags)
+        self._found_view = self._found.numpy()
+        self._one = torch.ones(1)
+        self._flags: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def on_fit_begin(self, ctx: Context) -> None:
         self._new_buffer()  # a deep copy of the callback would have split the view from its buffer
@@ -52,6 +68,57 @@ class TerminateOnNaN(Callback):
             kind = "NaN" if bool(torch.isnan(loss.detach()).any()) else "Inf"
             raise NonFiniteLossError(
                 f"The training loss is {kind} at epoch {ctx.epoch}, batch {ctx.iter}; training stopped before "
-                "this batch's optimizer step, so the weights are those of the last good step. Lower the learning "
-                "rate, clip gradients (ln.callbacks.GradientClip) or check the data for NaN/Inf values."
+                "this batch's optimizer step, so the weights are those of the last good step (the error's .fitted). "
+                "Lower the learning rate, clip gradients (ln.callbacks.GradientClip) or check the data for NaN/Inf "
+                "values."
             )
+
+    def on_train_batch_before_step(self, ctx: Context) -> None:
+        if not (self.enabled and self.check_gradients) or ctx.scaler is not None:
+            return
+        name = getattr(ctx, "current_opt", None)
+        opts = ctx.optimizers.values() if name is None else (ctx.optimizers[name],)
+        grads = [p.grad for opt in opts for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            return
+        device = grads[0].device
+        if device.type == "cpu" and all(g.device.type == "cpu" for g in grads):
+            found = self._found
+            found.zero_()
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found, self._one)
+            if self._found_view[0] == 0:
+                return
+        elif not self._found_on_devices(grads):
+            return
+        self._raise_gradient(ctx, grads)
+
+    def _found_on_devices(self, grads: list[torch.Tensor]) -> bool:
+        """The fused check per device; one read of the flags (a synchronisation on accelerators)."""
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for g in grads:
+            by_device.setdefault(g.device, []).append(g)
+        flags = []
+        for device, group in by_device.items():
+            if device not in self._flags:
+                self._flags[device] = (torch.zeros(1, device=device), torch.ones(1, device=device))
+            found, one = self._flags[device]
+            found.zero_()
+            torch._amp_foreach_non_finite_check_and_unscale_(group, found, one)
+            flags.append(found.to("cpu", non_blocking=False))
+        return bool(torch.cat(flags).any())
+
+    def _raise_gradient(self, ctx: Context, grads: list[torch.Tensor]) -> None:
+        bad = {id(g) for g in grads if not bool(torch.isfinite(g).all())}
+        names = [n for n, p in ctx.model.named_parameters() if p.grad is not None and id(p.grad) in bad]
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        loss = ctx.loss
+        loss_text = f" (the loss, {float(loss.detach()):.6g}, is finite)" if loss is not None else ""
+        raise NonFiniteLossError(
+            f"The gradient is NaN/Inf at epoch {ctx.epoch}, batch {ctx.iter}{loss_text}"
+            + (f", in {shown}" if shown else "")
+            + "; training stopped before this batch's optimizer step, so the weights are those of the last good "
+            "step (the error's .fitted). A finite loss with a non-finite gradient comes from operations whose "
+            "derivative is infinite where they are evaluated (sqrt or pow of 0, log of 0, division by 0, acos at "
+            "±1): add an epsilon there (torch.sqrt(x + 1e-12)), clip gradients (ln.callbacks.GradientClip), or lower "
+            "the learning rate."
+        )

@@ -31,7 +31,9 @@ class OptunaPruning(Callback):
     ``study.optimize``, which records the trial as PRUNED (seed 004's ``MedianPruner`` loop).
 
     Runs at epoch end after the metrics and the other callbacks, before EarlyStopping, ModelCheckpoint and
-    AutoResume (order 900). A NaN value is reported as is; Optuna's pruners prune it.
+    AutoResume (order 900). A NaN value is reported as is; Optuna's pruners prune it. With ``mode="auto"`` the
+    monitored metric's direction (its ``higher_is_better``) is checked against the study's, and a name whose
+    direction cannot be known (a ``ctx.log`` value) takes the study's.
 
     >>> import lanterna as ln
     >>> def objective(trial):
@@ -59,8 +61,8 @@ class OptunaPruning(Callback):
         return f"OptunaPruning(trial={getattr(self.trial, 'number', '?')}, monitor={self.monitor.name!r})"
 
     def on_fit_begin(self, ctx: Context) -> None:
-        self.monitor.check_known(ctx)
         direction = _study_direction(self.trial)
+        self.monitor.check_known(ctx, fallback_mode=direction)  # a ctx.log value: the study's direction
         if direction is not None and direction != self.monitor.mode:
             warnings.warn(
                 f"OptunaPruning: the study {'minimizes' if direction == 'min' else 'maximizes'} but "

@@ -97,7 +97,7 @@ class LiveProgress(ProgressPrinter):
             self.bar.update(ctx.iter - self._shown)
             self._shown = ctx.iter
             if ctx.loss is not None:
-                self.bar.set_postfix_str(f"Loss: {format_value(float(ctx.loss))}", refresh=False)
+                self.bar.set_postfix_str(f"Loss: {format_value(float(ctx.loss.detach()))}", refresh=False)
 
     on_train_batch_end = _batch_end
     on_valid_batch_end = _batch_end

@@ -15,6 +15,9 @@ from ..errors import LanternaError
 __all__ = ["Accelerator", "default_device"]
 
 _PRECISIONS = {"32": None, "32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+_DEVICE_HINTS = {"gpu": "cuda", "nvidia": "cuda", "rocm": "cuda", "metal": "mps", "apple": "mps"}
+_PRECISION_HINTS = {"bf16": "bf16-mixed", "bfloat16": "bf16-mixed", "16": "16-mixed", "fp16": "16-mixed",
+                    "float16": "16-mixed", "half": "16-mixed", "fp32": "32", "float32": "32"}
 
 
 def default_device() -> torch.device:
@@ -27,6 +30,55 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def available_devices() -> list[str]:
+    """The devices this torch can run on here, e.g. ``['cpu', 'cuda:0', 'cuda:1']``."""
+    names = ["cpu"]
+    if torch.cuda.is_available():
+        names += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        names.append("mps")
+    xpu = getattr(torch, "xpu", None)
+    if xpu is not None and xpu.is_available():
+        names += [f"xpu:{i}" for i in range(xpu.device_count())]
+    return names
+
+
+def _checked_device(spec: Any) -> torch.device:
+    """``torch.device(spec)``, refusing (before any training) a device that does not exist here."""
+    available = ", ".join(repr(n) for n in available_devices())
+    fix = f"Available: {available}; pass one of them, or device=None to pick the best one."
+    shown = repr(spec)
+    if isinstance(spec, int) and not isinstance(spec, bool) and spec >= 0:
+        spec, shown = f"cuda:{spec}", f"{spec!r} (cuda:{spec})"  # torch's meaning of a bare index
+    if not isinstance(spec, (str, torch.device)):
+        raise LanternaError(f"Accelerator(device={shown}): not a device; give a string such as 'cuda', 'cuda:1', "
+                            f"'mps' or 'cpu', or a torch.device. {fix}")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError, ValueError):
+        hint = _DEVICE_HINTS.get(str(spec).strip().lower().split(":")[0])
+        raise LanternaError(f"Accelerator(device={shown}): not a device torch knows"
+                            + (f" (did you mean {hint!r}?)" if hint else "") + f". {fix}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch was built without CUDA" if torch.version.cuda is None
+                   else "no CUDA GPU is visible (driver, CUDA_VISIBLE_DEVICES)")
+            raise LanternaError(f"Accelerator(device={shown}): CUDA is not available ({why}). {fix}")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise LanternaError(f"Accelerator(device={shown}): there are {count} CUDA device(s). {fix}")
+    elif device.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise LanternaError(f"Accelerator(device={shown}): MPS is not available (Apple-silicon Macs only). {fix}")
+    elif device.type != "cpu":
+        backend = getattr(torch, device.type, None)
+        if backend is not None and hasattr(backend, "is_available") and not backend.is_available():
+            raise LanternaError(f"Accelerator(device={shown}): {device.type} is not available. {fix}")
+    return device
+
+
 class Accelerator:
     """Where and how the model runs.
 
@@ -35,7 +87,8 @@ class Accelerator:
     device(type='cpu')
 
     Args:
-        device: ``None`` picks cuda → mps → cpu; or any torch device spec.
+        device: ``None`` picks cuda → mps → cpu; or any torch device spec. A device that is not available
+            here (``"cuda"`` on a CPU-only torch, ``"mps"`` off a Mac, an unknown name) is an error at once.
         precision: ``"32"``, ``"bf16-mixed"`` (autocast to bfloat16) or ``"16-mixed"`` (float16 with a
             gradient scaler).
         compile: ``True`` or a dict of ``torch.compile`` options, for training and inference.
@@ -50,12 +103,16 @@ class Accelerator:
         compile: bool | dict[str, Any] = False,
         strategy: str | None = None,
     ) -> None:
+        if str(precision) not in _PRECISIONS:
+            hint = _PRECISION_HINTS.get(str(precision).lower().replace("_", "-"))
+            raise LanternaError(
+                f"Accelerator(precision={precision!r}): use one of '32' (or '32-true'), 'bf16-mixed', '16-mixed'"
+                + (f" (did you mean precision={hint!r}?)" if hint else "") + "."
+            )
         precision = str(precision)
-        if precision not in _PRECISIONS:
-            raise LanternaError(f"precision={precision!r} is not one of {sorted(_PRECISIONS)}.")
         if strategy not in (None, "auto", "ddp", "none"):
             raise LanternaError(f"strategy={strategy!r} is not one of None, 'auto', 'ddp', 'none'.")
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = _checked_device(device) if device is not None else default_device()
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.precision = precision

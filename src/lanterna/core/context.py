@@ -62,6 +62,9 @@ class Context:
         self.target: Any = None
         self.pred: Any = None
         self.loss: Tensor | None = None
+        # the denominator of the batch's mean loss when it is not the batch size (a 0-dim tensor on the device:
+        # Σ class weights of the targets for CrossEntropyLoss(weight=...), the non-ignored count for ignore_index)
+        self.loss_weight: Tensor | None = None
         self.batch_size = 0
         self.epoch = 0
         self.max_epochs = 0

@@ -31,6 +31,7 @@ HOOKS: tuple[str, ...] = (
     "on_early_stopping",
     "on_interrupt",
     "on_predict_begin",
+    "on_predict_batch_begin",
     "on_predict_batch_end",
     "on_predict_end",
 )

@@ -47,11 +47,11 @@ def run_phase(ctx: Context, training: bool) -> None:
             ctx.batch = batch
             ctx.input, ctx.target = split_batch(batch)
             ctx.batch_size = batch_size_of(ctx.input)
-            ctx.pred = ctx.loss = None
+            ctx.pred = ctx.loss = ctx.loss_weight = None
             b_begin(ctx)
             step(ctx)
-            if training:
-                ctx.step += 1
+            if training and not ctx.accumulating:
+                ctx.step += 1  # optimizer steps: GradientAccumulation defers some
             b_end(ctx)
             if ctx.interrupted and local_stop:
                 raise _Interrupted()

@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from ..errors import LanternaError
 
-__all__ = ["build_loss"]
+__all__ = ["build_loss", "loss_denominator"]
 
 LossFn = Callable[[Any, Any], Tensor]
 
@@ -98,3 +99,28 @@ def _dict_loss(losses: dict[str, LossFn], weights: Any) -> LossFn:
 
     multi_loss.parts = losses  # type: ignore[attr-defined]
     return multi_loss
+
+
+def loss_denominator(loss: Any, target: Any) -> Callable[[Tensor], Tensor] | None:
+    """``target -> Σ weights`` for a loss whose batch value is a weighted mean over the batch's targets
+    (``CrossEntropyLoss`` / ``NLLLoss`` with class indices: ``Σ w[y]·l / Σ w[y]`` over the targets that are not
+    ``ignore_index``), so that the epoch's loss can be ``Σ loss·denominator / Σ denominator``, the whole-set
+    value. None when the batch size already is the denominator (every other loss).
+
+    >>> weigh = loss_denominator(nn.CrossEntropyLoss(weight=torch.tensor([1.0, 3.0])), torch.tensor([0, 1]))
+    >>> float(weigh(torch.tensor([1, 1, -100])))
+    6.0
+    """
+    if not isinstance(loss, (nn.CrossEntropyLoss, nn.NLLLoss)) or loss.reduction != "mean":
+        return None
+    if not isinstance(target, Tensor) or target.is_floating_point():
+        return None  # class probabilities: a plain mean over the batch
+    ignore, weight = loss.ignore_index, loss.weight
+    if weight is None:
+        return lambda t: (t != ignore).sum(dtype=torch.float32)
+
+    def weighted(t: Tensor) -> Tensor:
+        keep = t != ignore
+        return (weight.index_select(0, t.masked_fill(~keep, 0).reshape(-1)) * keep.reshape(-1)).sum()
+
+    return weighted

@@ -3,80 +3,135 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 from ..data import call_model
 from ..errors import LanternaError, ModelCallError
-from .checks import check_loss_inputs, check_model_call, describe, explain_loss_failure
+from .checks import (
+    check_broadcast,
+    check_loss_inputs,
+    check_model_call,
+    check_trainable_loss,
+    describe,
+    explain_loss_failure,
+)
 from .context import Context
+from .losses import loss_denominator
 
-__all__ = ["train_step", "valid_step", "custom_step", "make_forward", "make_loss"]
+__all__ = ["train_step", "valid_step", "custom_step", "make_forward", "make_loss", "Forward", "LossComputer"]
 
 
-def make_forward(ctx: Context) -> Callable[[Any], Any]:
-    """``inputs -> pred`` with autocast; the first call checks that forward can take the input."""
-    model, train_fwd, autocast = ctx.model, ctx.forward_model, ctx.accelerator.autocast
-    eval_fwd = getattr(ctx, "eval_forward_model", None) or train_fwd  # DDP: validate on the bare module
-    amp = ctx.accelerator.amp_dtype is not None
+class Forward:
+    """``inputs -> pred`` with autocast. The first call in training and the first out of it (validation,
+    evaluate, predict) check that forward can take the input, so a wrong validation batch is caught too."""
 
-    def forward(inputs: Any) -> Any:
-        fwd = train_fwd if ctx.training else eval_fwd
-        if amp:
-            with autocast():
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.model = ctx.model
+        self.train_fwd = ctx.forward_model
+        self.eval_fwd = getattr(ctx, "eval_forward_model", None) or ctx.forward_model  # DDP: validate bare
+        self.autocast = ctx.accelerator.autocast if ctx.accelerator.amp_dtype is not None else None
+        self.checked: set[bool] = set()  # values of ctx.training already checked
+
+    def __call__(self, inputs: Any) -> Any:
+        training = self.ctx.training
+        if training not in self.checked:
+            return self._first(inputs, training)
+        fwd = self.train_fwd if training else self.eval_fwd
+        if self.autocast is not None:
+            with self.autocast():
                 return call_model(fwd, inputs)
         return call_model(fwd, inputs)
 
-    def first_forward(inputs: Any) -> Any:
+    def _first(self, inputs: Any, training: bool) -> Any:
+        model = self.model
         check_model_call(model, inputs)
+        self.checked.add(training)
         try:
-            pred = forward(inputs)
+            return self(inputs)
         except (RuntimeError, TypeError, ValueError, IndexError) as e:
+            self.checked.discard(training)
+            which = "first batch" if training else f"first {self.ctx.set_name} batch"
             raise ModelCallError(
-                f"{type(model).__name__}'s forward failed on the first batch, whose input is {describe(inputs)}: "
+                f"{type(model).__name__}'s forward failed on the {which}, whose input is {describe(inputs)}: "
                 f"{type(e).__name__}: {e}. Check that the input's shape and dtype match what the model expects "
                 "(e.g. the number of input features of its first layer)."
             ) from e
-        ctx._forward = forward
-        return pred
-
-    return first_forward
 
 
-def make_loss(ctx: Context) -> Callable[[Any, Any], Any]:
-    """``(pred, target) -> loss`` with autocast; the first call checks shapes and dtypes."""
-    loss_fn, autocast = ctx.loss_fn, ctx.accelerator.autocast
-    amp = ctx.accelerator.amp_dtype is not None
+class LossComputer:
+    """``(pred, target) -> loss`` with autocast, for ``ctx.loss_fn`` as it is at each call (a callback may
+    replace it: luz's mixup pattern).
 
-    def compute(pred: Any, target: Any) -> Any:
-        if amp:
-            with autocast():
-                return loss_fn(pred, target)
-        return loss_fn(pred, target)
+    The first call of a loss in training, and the first out of it, check shapes and dtypes (:mod:`.checks`).
+    For losses that are weighted means inside a batch (CrossEntropyLoss with ``weight=`` or ignored targets) it
+    also sets ``ctx.loss_weight``, the batch's denominator, so the epoch's loss is exact."""
 
-    def first_compute(pred: Any, target: Any) -> Any:
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.autocast = ctx.accelerator.autocast if ctx.accelerator.amp_dtype is not None else None
+        self.fn: Any = None  # the loss the checks below were made for
+        self.checked: set[bool] = set()
+        self.denominator: Any = None
+
+    def __call__(self, pred: Any, target: Any) -> Any:
+        ctx = self.ctx
+        fn = ctx.loss_fn
+        if fn is not self.fn or ctx.training not in self.checked:
+            return self._first(fn, pred, target)
+        if self.autocast is not None:
+            with self.autocast():
+                loss = fn(pred, target)
+        else:
+            loss = fn(pred, target)
+        if self.denominator is not None:
+            ctx.loss_weight = self.denominator(target)
+        return loss
+
+    def _first(self, fn: Any, pred: Any, target: Any) -> Any:
+        ctx = self.ctx
+        if fn is None:
+            raise LanternaError("ctx.loss_fn is None: there is no loss to compute. Pass loss=... to ln.setup, or "
+                                "define step(self, ctx) on the module.")
+        if fn is not self.fn:
+            self.fn, self.checked = fn, set()
         if target is None:
             raise LanternaError(
                 "The batch has no target, so the loss cannot be computed. Pass (x, y), or define "
                 "step(self, ctx) on the module for training without targets."
             )
-        check_loss_inputs(loss_fn, pred, target)
+        check_loss_inputs(fn, pred, target)
+        self.denominator = loss_denominator(fn, target)
+        self.checked.add(ctx.training)
         try:
-            loss = compute(pred, target)
+            loss = self(pred, target)
         except LanternaError:
+            self.checked.discard(ctx.training)
             raise
         except (RuntimeError, TypeError, ValueError, IndexError) as e:
-            raise explain_loss_failure(loss_fn, pred, target, e) from e
+            self.checked.discard(ctx.training)
+            raise explain_loss_failure(fn, pred, target, e) from e
         if not hasattr(loss, "dim") or loss.dim() != 0:
+            self.checked.discard(ctx.training)
             shape = tuple(loss.shape) if hasattr(loss, "shape") else type(loss).__name__
             raise LanternaError(
                 f"The loss must return a scalar tensor, got {shape}. Use reduction='mean' (the default) "
                 "or reduce it yourself."
             )
-        ctx._compute_loss = compute
+        check_broadcast(fn, pred, target)
+        if ctx.training:
+            check_trainable_loss(ctx.model, loss)
         return loss
 
-    return first_compute
+
+def make_forward(ctx: Context) -> Forward:
+    """The forward callable of ``ctx`` (see :class:`Forward`)."""
+    return Forward(ctx)
+
+
+def make_loss(ctx: Context) -> LossComputer:
+    """The loss callable of ``ctx`` (see :class:`LossComputer`)."""
+    return LossComputer(ctx)
 
 
 def train_step(ctx: Context) -> None:

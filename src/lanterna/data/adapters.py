@@ -6,10 +6,13 @@ Accepted: a DataLoader, a Dataset, a tuple/list ``(x, y)`` of tensors / NumPy ar
 
 from __future__ import annotations
 
+import difflib
+import inspect
+import numbers
 import os
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -31,7 +34,7 @@ from ..errors import DataError
 from .sources import BatchSource, LoaderBatches, TensorBatches
 from .structure import flatten
 
-__all__ = ["loader_options", "make_source", "split_valid", "to_tensor_leaves"]
+__all__ = ["custom_sampler", "loader_options", "make_source", "split_valid", "to_tensor_leaves"]
 
 _LOADER_DEFAULTS: dict[str, Any] = {"batch_size": 32}
 _SUPPORTED = (
@@ -55,7 +58,9 @@ def _leaf_to_tensor(obj: Any, where: str) -> Tensor:
                 "df.astype('float32') or pd.get_dummies(df) for categorical columns."
             )
         arr = np.ascontiguousarray(obj)
-        if not arr.flags.writeable:  # pandas copy-on-write views are read-only; torch warns on those
+        if arr.dtype.kind == "u" and arr.dtype.itemsize > 1:  # torch has few operations on wide unsigned ints
+            arr = arr.astype(np.int64)
+        elif not arr.flags.writeable:  # pandas copy-on-write views are read-only; torch warns on those
             arr = arr.copy()
         obj = torch.from_numpy(arr)
     if not isinstance(obj, Tensor):
@@ -64,11 +69,15 @@ def _leaf_to_tensor(obj: Any, where: str) -> Tensor:
             hint = (" Python lists or dicts of plain values are not converted: make tensors or arrays first, "
                     "e.g. torch.tensor(values) or np.asarray(values).")
         raise DataError(f"{where} is a {type(obj).__name__}; expected {_SUPPORTED}.{hint}")
-    if obj.is_floating_point() and obj.dtype == torch.float64:
+    if obj.is_floating_point() and obj.dtype != torch.float32:
         obj = obj.float()
-    elif obj.dtype in (torch.int8, torch.int16, torch.int32, torch.uint8):
+    elif obj.dtype in _SMALL_INTS:
         obj = obj.long()
     return obj
+
+
+_SMALL_INTS = tuple(getattr(torch, name) for name in ("int8", "int16", "int32", "uint8", "uint16", "uint32", "uint64")
+                    if hasattr(torch, name))
 
 
 def to_tensor_leaves(data: Any, what: str = "data") -> tuple[list[Tensor], Any]:
@@ -77,15 +86,18 @@ def to_tensor_leaves(data: Any, what: str = "data") -> tuple[list[Tensor], Any]:
     if not leaves:
         raise DataError(f"The {what} holds no tensors or arrays; expected {_SUPPORTED}.")
     tensors = [_leaf_to_tensor(leaf, f"Item {i} of the {what}") for i, leaf in enumerate(leaves)]
+    # (x, y) or (x1, x2, y) hold a few arrays; many items are usually a list of samples
+    hint = (" If this is a list of samples, stack them into one tensor per field (torch.stack) or wrap them in a "
+            "Dataset." if isinstance(data, (tuple, list)) and len(data) > 3 else "")
     for i, t in enumerate(tensors):
         if t.dim() == 0:
-            raise DataError(f"Item {i} of the {what} is a scalar; every item needs a first (sample) dimension.")
+            raise DataError(f"Item {i} of the {what} is a scalar; every item needs a first (sample) dimension.{hint}")
     sizes = {int(t.shape[0]) for t in tensors}
     if len(sizes) > 1:
-        shapes = ", ".join(str(tuple(t.shape)) for t in tensors)
+        shapes = ", ".join(str(tuple(t.shape)) for t in tensors[:6]) + (", ..." if len(tensors) > 6 else "")
         raise DataError(
-            f"The {what}'s tensors/arrays have different numbers of samples (first dimensions: {shapes}). "
-            "Inputs and targets must have one row per sample."
+            f"The {what}'s {len(tensors)} tensors/arrays have different numbers of samples (first dimensions: "
+            f"{shapes}). Inputs and targets must have one row per sample.{hint}"
         )
     if sizes == {0}:
         raise DataError(f"The {what} is empty (0 samples). Pass at least one sample.")
@@ -105,26 +117,86 @@ def _tensor_dataset_leaves(ds: Dataset) -> list[Tensor] | None:
     return None
 
 
-def _loader_is_plain(dl: DataLoader) -> bool:
-    """True when a DataLoader has the default sampler, batch sampler and collate (fast path allowed)."""
+def custom_sampler(dl: DataLoader) -> str | None:
+    """The class name of ``dl``'s sampler (or batch sampler) when it is not one that ``DataLoader`` builds from
+    ``batch_size`` and ``shuffle`` over the whole dataset; None for those (which lanterna may rebuild).
+
+    >>> custom_sampler(DataLoader(range(10), batch_size=2, shuffle=True)) is None
+    True
+    """
+    if dl.batch_size is None or type(dl.batch_sampler) is not BatchSampler:
+        return type(dl.batch_sampler).__name__
     sampler = dl.sampler
     if type(sampler) is RandomSampler:
         if sampler.replacement or sampler._num_samples is not None:
-            return False
+            return type(sampler).__name__
     elif type(sampler) is not SequentialSampler:
-        return False
-    return type(dl.batch_sampler) is BatchSampler and dl.collate_fn is default_collate
+        return type(sampler).__name__
+    try:
+        whole = len(sampler.data_source) == len(dl.dataset)  # type: ignore[arg-type]
+    except TypeError:
+        whole = False
+    return None if whole else type(sampler).__name__
+
+
+def _loader_is_plain(dl: DataLoader) -> bool:
+    """True when a DataLoader has the default sampler, batch sampler and collate (fast path allowed)."""
+    return custom_sampler(dl) is None and dl.collate_fn is default_collate
 
 
 def _flat_spec(n: int) -> Any:
     return ("tuple", [None] * n)
 
 
+_LOADER_KEYS = frozenset(inspect.signature(DataLoader.__init__).parameters) - {"self", "dataset"}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, (bool, np.bool_))
+
+
+# the options lanterna reads itself (the rest go to DataLoader as they are): test and requirement
+_OPTION_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "batch_size": (lambda v: v is None or (_is_int(v) and v >= 1), "a positive integer"),
+    "num_workers": (lambda v: _is_int(v) and v >= 0, "a non-negative integer (0: load in the main process)"),
+    "prefetch_factor": (lambda v: v is None or (_is_int(v) and v >= 1), "a positive integer or None"),
+    "timeout": (lambda v: isinstance(v, numbers.Real) and not _is_bool(v) and v >= 0, "a number of seconds >= 0"),
+    "generator": (lambda v: v is None or isinstance(v, torch.Generator), "a torch.Generator or None"),
+    **{k: (_is_bool, "True or False") for k in ("shuffle", "drop_last", "pin_memory", "persistent_workers",
+                                                 "in_order")},
+}
+
+
 def _check_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Validated ``dataloader_options``: known keys, values of the right type (NumPy scalars made Python's)."""
+    if options is not None and not isinstance(options, Mapping):
+        raise DataError(
+            f"dataloader_options must be a dict such as {{'batch_size': 64}}; got a {type(options).__name__}."
+        )
     opts = dict(options or {})
-    bad = {"dataset"} & opts.keys()
-    if bad:
+    if "dataset" in opts:
         raise DataError("dataloader_options cannot contain 'dataset'; pass the data itself.")
+    for key in opts:
+        if key not in _LOADER_KEYS:
+            close = difflib.get_close_matches(str(key), _LOADER_KEYS, n=1)
+            raise DataError(
+                f"dataloader_options has an unknown option {key!r}"
+                + (f" (did you mean {close[0]!r}?)" if close else "")
+                + f". DataLoader takes: {', '.join(sorted(_LOADER_KEYS))}."
+            )
+    for key, (ok, need) in _OPTION_RULES.items():
+        if key in opts:
+            value = opts[key]
+            if not ok(value):
+                raise DataError(f"dataloader_options[{key!r}]={value!r} is not valid: {key} must be {need}.")
+            if _is_int(value):
+                opts[key] = int(value)
+            elif _is_bool(value):
+                opts[key] = bool(value)
     return opts
 
 
@@ -135,7 +207,15 @@ def make_source(
     options: Mapping[str, Any] | None = None,
     what: str = "data",
 ) -> BatchSource:
-    """Turn ``data`` into a batch source. ``train`` decides the default shuffling.
+    """Turn ``data`` into a batch source (API.md §2).
+
+    Args:
+        data: a DataLoader (used as is: ``options`` must be empty), a Dataset, or in-memory data.
+        train: training data is shuffled by default; other data (validation, evaluation, prediction) is
+            never shuffled and never drops its last batch: ``shuffle=True`` / ``drop_last=True`` in
+            ``options`` are then ignored with a warning.
+        options: ``dataloader_options``, validated here (unknown keys and bad values are errors).
+        what: how errors and warnings name the data ("validation data" ...).
 
     >>> src = make_source((torch.randn(10, 3), torch.randn(10, 1)), train=True, options={"batch_size": 4})
     >>> src.num_batches()
@@ -149,6 +229,15 @@ def make_source(
             )
         return _from_loader(data, what)
     opts = _check_options(options)
+    if not train:
+        ignored = [k for k in ("shuffle", "drop_last") if opts.get(k)]
+        if ignored:
+            warnings.warn(
+                f"dataloader_options {', '.join(f'{k}=True' for k in ignored)} ignored for the {what}: "
+                "validation, evaluation and prediction data are never shuffled and never drop their last batch.",
+                stacklevel=_user_stacklevel(),
+            )
+            opts.update(dict.fromkeys(ignored, False))
     if isinstance(data, Dataset):
         return _from_dataset(data, train=train, options=opts, what=what)
     if isinstance(data, (Tensor, np.ndarray, tuple, list, Mapping)) or _is_pandas(data):
@@ -162,8 +251,10 @@ def make_source(
 def _tensor_source(
     leaves: list[Tensor], spec: Any, *, train: bool, options: dict[str, Any], what: str
 ) -> TensorBatches:
+    # the first four shape the batches; the rest set up worker processes, which in-memory data does not need
     known = {"batch_size", "shuffle", "drop_last", "generator", "num_workers", "pin_memory",
-             "persistent_workers", "prefetch_factor", "timeout", "worker_init_fn"}
+             "persistent_workers", "prefetch_factor", "timeout", "worker_init_fn",
+             "multiprocessing_context", "pin_memory_device", "in_order"}
     unknown = set(options) - known
     if unknown:
         raise DataError(
@@ -171,15 +262,16 @@ def _tensor_source(
             "wrap the data in a Dataset and DataLoader for custom samplers or collate functions."
         )
     batch_size = options.get("batch_size", _LOADER_DEFAULTS["batch_size"])
-    if batch_size is None or int(batch_size) < 1:
-        raise DataError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    if batch_size is None:
+        raise DataError("dataloader_options['batch_size']=None: in-memory data needs a positive integer batch_size "
+                        "(batch_size must be a positive integer).")
     gen = options.get("generator")
     return TensorBatches(
         leaves,
         spec,
-        batch_size=int(batch_size),
-        shuffle=bool(options.get("shuffle", train)),
-        drop_last=bool(options.get("drop_last", False)),
+        batch_size=batch_size,
+        shuffle=options.get("shuffle", train),
+        drop_last=options.get("drop_last", False),
         loader_generator=gen,
         sampler_generator=gen,
     )
@@ -236,18 +328,34 @@ def _from_dataset(ds: Dataset, *, train: bool, options: dict[str, Any], what: st
     if opts.get("num_workers", 0) == 0:
         opts.pop("persistent_workers", None)
         opts.pop("prefetch_factor", None)
-    return LoaderBatches(DataLoader(ds, **opts), build=(ds, opts, frozenset(options)))  # tuned at to_device
+    try:
+        loader = DataLoader(ds, **opts)
+    except (TypeError, ValueError) as e:
+        raise DataError(f"dataloader_options {dict(options)} could not build a DataLoader for the {what}: {e}") from e
+    return LoaderBatches(loader, build=(ds, opts, frozenset(options)))  # tuned at to_device
 
 
 # --------------------------------------------------------------------------- validation split
 
 
+#: a float target (shape (N,) or (N, 1)) is class labels when its values are integral and this few (0/1 for BCE)
+MAX_FLOAT_CLASSES = 32
+
+
 def _class_labels(target: Any) -> Tensor | None:
-    """Integer class labels (1-D, or (N, 1)) when the target holds them; None otherwise."""
-    is_labels = isinstance(target, Tensor) and not target.is_floating_point() and not target.is_complex()
-    if is_labels and (target.dim() == 1 or (target.dim() == 2 and target.shape[1] == 1)):
-        return target.reshape(-1).cpu()
-    return None
+    """Class labels (1-D) when the target holds them: integer targets, and float targets whose values are all
+    integral with few distinct values (0/1 for BCE), of shape (N,) or (N, 1); None otherwise."""
+    if not isinstance(target, Tensor) or target.is_complex():
+        return None
+    if not (target.dim() == 1 or (target.dim() == 2 and target.shape[1] == 1)):
+        return None
+    labels = target.reshape(-1).cpu()
+    if labels.is_floating_point():
+        if not bool(torch.isfinite(labels).all()) or not torch.equal(labels, labels.round()):
+            return None
+        if torch.unique(labels).numel() > min(MAX_FLOAT_CLASSES, len(labels) // 2):
+            return None  # integral regression values (counts, years), not classes
+    return labels
 
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
@@ -300,7 +408,23 @@ def split_valid(
     generator: torch.Generator,
     options: Mapping[str, Any] | None = None,
 ) -> tuple[BatchSource, BatchSource]:
-    """Hold out ``fraction`` of ``data`` at random (stratified by class when targets are class labels)."""
+    """Hold out ``fraction`` of ``data`` at random, as ``(train_source, valid_source)``.
+
+    Stratified by class when the targets are class labels (integer targets, and float targets whose values are
+    0/1 or a few integral values), read from in-memory data, a TensorDataset, or a dataset's ``targets``.
+    Data drawn by a custom sampler or batch sampler (a ``WeightedRandomSampler`` ...) is refused: its indices
+    and weights refer to the whole dataset, so split the dataset yourself and pass ``valid_data=DataLoader(...)``.
+
+    Args:
+        data: training data in any splittable form of API.md §2 (not an IterableDataset).
+        fraction: the share held out, strictly between 0 and 1.
+        generator: draws the split (seed it for a reproducible split; under torchrun, alike on every rank).
+        options: ``dataloader_options`` for the loaders lanterna builds (validation: never shuffled).
+
+    >>> tr, va = split_valid((torch.randn(10, 3), torch.randn(10, 1)), 0.2, generator=torch.Generator())
+    >>> tr.num_samples, va.num_samples
+    (8, 2)
+    """
     if isinstance(fraction, bool) or not (0.0 < float(fraction) < 1.0):
         raise DataError(
             f"valid_data={fraction!r}: a validation fraction must lie strictly between 0 and 1 "
@@ -310,6 +434,9 @@ def split_valid(
         if options:
             raise DataError("dataloader_options cannot be combined with a DataLoader; set them on the loader.")
         return _split_loader(data, fraction, generator)
+    for key in ("sampler", "batch_sampler"):
+        if isinstance(options, Mapping) and options.get(key) is not None:
+            raise _custom_sampler_error(fraction, type(options[key]).__name__)
     train_src = make_source(data, train=True, options=options)
     if isinstance(train_src, TensorBatches):
         n = train_src.num_samples
@@ -342,7 +469,11 @@ def _split_dataset(ds: Any, fraction: float, gen: torch.Generator) -> tuple[Tens
     labels = None
     targets = getattr(ds, "targets", None)
     if targets is not None:
-        labels = _class_labels(torch.as_tensor(targets))
+        try:
+            targets = torch.as_tensor(targets)
+        except (TypeError, ValueError, RuntimeError):  # not numbers: no stratification
+            targets = None
+        labels = _class_labels(targets) if targets is not None and targets.shape[:1] == (n,) else None
     return _split_indices(n, float(fraction), labels, gen)
 
 
@@ -354,16 +485,30 @@ def loader_options(dl: DataLoader) -> dict[str, Any]:
         "worker_init_fn": dl.worker_init_fn, "generator": dl.generator,
     }
     if dl.num_workers > 0:
-        opts.update(prefetch_factor=dl.prefetch_factor, persistent_workers=dl.persistent_workers)
+        opts.update(prefetch_factor=dl.prefetch_factor, persistent_workers=dl.persistent_workers,
+                    multiprocessing_context=dl.multiprocessing_context)
+    if getattr(dl, "pin_memory_device", ""):
+        opts["pin_memory_device"] = dl.pin_memory_device
+    if getattr(dl, "in_order", True) is False:
+        opts["in_order"] = False
     return opts
 
 
+def _custom_sampler_error(fraction: float, name: str) -> DataError:
+    return DataError(
+        f"valid_data={fraction} cannot split data drawn by a {name}: lanterna would rebuild the loader over the "
+        "training part without it (its indices and weights refer to the whole dataset). Split the dataset "
+        "yourself (torch.utils.data.Subset or random_split), build the training DataLoader with its sampler over "
+        "the training part, and pass valid_data=DataLoader(validation part)."
+    )
+
+
 def _split_loader(dl: DataLoader, fraction: float, gen: torch.Generator) -> tuple[BatchSource, BatchSource]:
-    if dl.batch_size is None:
-        raise DataError(
-            "valid_data as a fraction cannot rebuild a DataLoader that uses a custom batch_sampler; "
-            "pass a separate validation loader."
-        )
+    if isinstance(dl.dataset, IterableDataset) or not hasattr(dl.dataset, "__len__"):
+        _split_dataset(dl.dataset, fraction, gen)  # raises: no indices to split
+    name = custom_sampler(dl)
+    if name is not None:
+        raise _custom_sampler_error(fraction, name)
     leaves = _tensor_dataset_leaves(dl.dataset)
     if leaves is not None:
         labels = _class_labels(leaves[-1]) if len(leaves) > 1 else None
@@ -371,8 +516,10 @@ def _split_loader(dl: DataLoader, fraction: float, gen: torch.Generator) -> tupl
     else:
         tr, va = _split_dataset(dl.dataset, fraction, gen)
     opts = loader_options(dl)
-    shuffle = isinstance(dl.sampler, RandomSampler)
-    train_dl = DataLoader(Subset(dl.dataset, tr.tolist()), shuffle=shuffle, **opts)
+    train_part = Subset(dl.dataset, tr.tolist())
+    shuffle = type(dl.sampler) is RandomSampler  # its own generator, when it was given one, keeps drawing the order
+    sampler = RandomSampler(train_part, generator=dl.sampler.generator) if shuffle else None  # type: ignore[attr-defined]
+    train_dl = DataLoader(train_part, sampler=sampler, **opts)
     valid_dl = DataLoader(Subset(dl.dataset, va.tolist()), shuffle=False, **{**opts, "drop_last": False})
     train_src, valid_src = _from_loader(train_dl, "training data"), _from_loader(valid_dl, "validation data")
     for src in (train_src, valid_src):

@@ -7,7 +7,9 @@ cpu) and fit wraps the model in ``DistributedDataParallel``.
 Sharding: every rank sees ``order[rank::world_size]`` of each epoch's order — each sample exactly once, no
 padding duplicates. The order is drawn from a generator seeded with ``seed + epoch`` (as DistributedSampler
 does), identical on every rank. Uneven shards are handled by DDP's ``join()`` in training; validation runs
-the unwrapped module, so ranks never wait for one another inside a phase. Sums and counts are reduced across
+the unwrapped module, so ranks never wait for one another inside a phase. A DataLoader with a custom sampler
+(a WeightedRandomSampler ...) is never silently re-sampled: it is kept when its sampler deals each rank its
+share (DistributedSampler's ``num_replicas`` / ``rank``), else refused with an error. Sums and counts are reduced across
 ranks at the end of each phase (exact epoch values), and stop / Ctrl-C decisions are agreed at epoch end.
 """
 
@@ -25,11 +27,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, IterableDataset, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler, Sampler
 
 from ..core.collectives import all_gather_rows
-from ..data.adapters import loader_options
+from ..data.adapters import custom_sampler, loader_options
 from ..data.sources import BatchSource, LoaderBatches, TensorBatches
+from ..errors import DataError
 
 __all__ = ["Distributed", "from_env", "world_size_from_env"]
 
@@ -65,6 +68,12 @@ class ShardSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(range(self.rank, self.n, self.world_size))
+
+
+def _shards_itself(dl: DataLoader) -> bool:
+    """Whether ``dl``'s sampler or batch sampler deals ranks their shares (DistributedSampler's interface)."""
+    samplers = (dl.sampler, dl.batch_sampler, getattr(dl.batch_sampler, "sampler", None))
+    return any(hasattr(s, "num_replicas") and hasattr(s, "rank") for s in samplers if s is not None)
 
 
 class _ShardedTensorBatches(TensorBatches):
@@ -123,9 +132,21 @@ class Distributed:
                     stacklevel=3,
                 )
                 return source
-            if isinstance(dl.sampler, ShardSampler) or dl.batch_size is None:
+            if isinstance(dl.sampler, ShardSampler):
                 return source
-            shuffle = train and type(dl.sampler).__name__ == "RandomSampler"
+            name = custom_sampler(dl)
+            # for evaluation a DistributedSampler is replaced below: exact (no padding duplicates), dataset order
+            replace = not train and type(dl.sampler) is DistributedSampler and dl.batch_size is not None
+            if name is not None and not replace:
+                if _shards_itself(dl):
+                    return source  # the user's sampler deals each rank its share
+                raise DataError(
+                    f"Under torchrun lanterna shards a DataLoader by giving it its own sampler, which would drop "
+                    f"this loader's {name}. Give the loader a sampler (or batch sampler) that deals each rank its "
+                    "share (a torch DistributedSampler, or any sampler with num_replicas and rank attributes that "
+                    "yields this rank's indices), or pass the Dataset / tensors and let lanterna shard them."
+                )
+            shuffle = train and type(dl.sampler) is RandomSampler
             sampler = ShardSampler(len(dl.dataset), self.rank, self.world_size, shuffle=shuffle, seed=self.seed)
             return LoaderBatches(DataLoader(dl.dataset, sampler=sampler, **loader_options(dl)), source.device,
                                  owned=True)

@@ -9,12 +9,13 @@ silent fallback to a non-atomic write. Temp files left by a killed process are r
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-__all__ = ["atomic_write", "atomic_write_bytes", "fsync_dir", "sweep_temp_files", "TEMP_MARKER"]
+__all__ = ["atomic_write", "atomic_write_bytes", "explain_write_error", "fsync_dir", "sweep_temp_files", "TEMP_MARKER"]
 
 TEMP_MARKER = ".lanterna-tmp-"
 
@@ -39,20 +40,6 @@ def fsync_dir(folder: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-@contextlib.contextmanager
-def _open_temp(path: Path) -> Iterator[tuple[IO[bytes], Path]]:
-    tmp = _temp_path(path)
-    f = open(tmp, "xb")  # noqa: SIM115 - closed below, before the rename
-    try:
-        yield f, tmp
-    except BaseException:
-        f.close()
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    f.close()
-
-
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> Path:
     """Write ``path`` atomically: ``write(f)`` fills a temp file in the same folder, which is flushed,
     fsynced and renamed over ``path``; then the folder is fsynced. Returns ``path``.
@@ -68,13 +55,18 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
     """
     path = Path(path)
     folder = path.parent
-    with _open_temp(path) as (f, tmp):
+    tmp = _temp_path(path)
+    f = open(tmp, "xb")  # noqa: SIM115 - closed below, before the rename
+    try:
         write(f)
         f.flush()
         os.fsync(f.fileno())
-    try:
+        f.close()
         os.replace(tmp, path)
     except BaseException:
+        # After a failed flush (a full disk) close() fails too: the unlink must not depend on it.
+        with contextlib.suppress(OSError):
+            f.close()
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
@@ -91,6 +83,40 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     2
     """
     return atomic_write(path, lambda f: f.write(data))
+
+
+_CAUSES: dict[int, tuple[str, str]] = {
+    errno.ENOSPC: ("the disk is full", "free disk space or choose a folder on another disk"),
+    errno.EFBIG: ("the file size limit was reached (ulimit -f / RLIMIT_FSIZE, or the file system's largest file)",
+                  "raise the limit (ulimit -f unlimited) or choose a folder on another file system"),
+    errno.EROFS: ("the folder is on a read-only file system", "choose a folder you can write to"),
+    errno.EACCES: ("permission denied: this user cannot write to the folder",
+                   "fix the folder's permissions or choose a folder you can write to"),
+    errno.EPERM: ("the operation is not permitted here", "choose a folder you can write to"),
+    errno.ENOTDIR: ("a part of the path is an existing file, not a folder",
+                    "remove or rename that file, or choose another path"),
+    errno.EEXIST: ("the path exists and is not a folder", "remove or rename it, or choose another path"),
+    errno.EISDIR: ("the path is an existing folder, not a file", "choose a file name"),
+}
+if hasattr(errno, "EDQUOT"):
+    _CAUSES[errno.EDQUOT] = ("the disk quota is exceeded", "free space in your quota or choose another folder")
+
+
+def explain_write_error(e: OSError) -> str:
+    """Why a write failed and what to do, in plain words, for an error message: a full disk, a file size
+    limit, a read-only folder, a permission error ... (the system's own text is kept in parentheses).
+
+    Args:
+        e: the ``OSError`` the write raised.
+
+    >>> explain_write_error(OSError(errno.ENOSPC, "No space left on device"))
+    'the disk is full (No space left on device); free disk space or choose a folder on another disk'
+    """
+    text = e.strerror or str(e)
+    if e.errno in _CAUSES:
+        cause, fix = _CAUSES[e.errno]
+        return f"{cause} ({text}); {fix}"
+    return text
 
 
 def _pid_alive(pid: int) -> bool:

@@ -22,13 +22,13 @@ import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
 
 from ..errors import CheckpointError, CheckpointVersionError, DamagedCheckpointError
-from .atomic import TEMP_MARKER, atomic_write
+from .atomic import TEMP_MARKER, atomic_write, explain_write_error
 
 __all__ = [
     "FORMAT",
@@ -159,8 +159,9 @@ def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any]) -> P
     version and the integrity record added. Nothing is drawn from any random generator.
 
     Raises :class:`CheckpointError` when the state holds something a checkpoint cannot hold, or when the
-    write fails (a full disk ...): the previous file at ``path`` is then left as it was and no temp file
-    remains.
+    write fails: the message names the file and the cause (a full disk, a file size limit, a read-only
+    folder, a permission error), the ``OSError`` is its ``__cause__``, the previous file at ``path`` is left
+    as it was and no temp file remains.
 
     >>> import tempfile
     >>> p = save_checkpoint(Path(tempfile.mkdtemp()) / "c.pt", {"model": {"w": torch.ones(2)}, "epoch": 1})
@@ -174,15 +175,49 @@ def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any]) -> P
     body.update({k: v for k, v in state.items() if k not in ("format", "format_version", "integrity")})
     body = sanitize(body)
     body["integrity"] = {"algorithm": _ALGORITHM, "sha256": content_digest(body)}
+    writer: _Writer | None = None
+
+    def write(f: IO[bytes]) -> None:
+        nonlocal writer
+        writer = _Writer(f)
+        torch.save(body, writer)
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda f: torch.save(body, f))
-    except OSError as e:
+        atomic_write(path, write)
+    except (OSError, RuntimeError) as e:
+        # torch turns a failed write into "[enforce fail at inline_container.cc ...] unexpected pos": the
+        # OSError it swallowed says why.
+        os_error = e if isinstance(e, OSError) else writer.error if writer is not None else None
+        if os_error is None:
+            raise CheckpointError(f"Could not write the checkpoint {str(path)!r}: {_short(e)}.") from e
         raise CheckpointError(
-            f"Could not write the checkpoint {str(path)!r}: {e.strerror or e}. The previous file (if any) is "
-            "unchanged and no partial file was left. Free disk space or choose another folder."
-        ) from e
+            f"Could not write the checkpoint {str(path)!r}: {explain_write_error(os_error)}. The previous file "
+            "(if any) is unchanged and no partial file was left."
+        ) from os_error
     return path
+
+
+class _Writer:
+    """The file ``torch.save`` writes to, keeping the first ``OSError`` of a write (torch hides it)."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.f.flush()
+        except OSError as e:
+            self.error = self.error or e
+            raise
 
 
 def _torch_load(path: Path, mmap: bool) -> Any:

@@ -12,6 +12,7 @@ import abc
 import copy
 import functools
 import operator
+import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -20,9 +21,10 @@ import torch
 from torch import Tensor, nn
 
 from ..core.collectives import all_gather_rows, world_size
+from ..errors import MetricError, ShapeMismatchError
 
 __all__ = ["LanternaMetric", "named", "on_output", "metric_key", "metric_display", "MetricSet", "unique_names",
-           "is_metric"]
+           "is_metric", "entry_key"]
 
 _REDUCTIONS = ("sum", "max", "min", "cat")
 
@@ -220,15 +222,31 @@ def _add_sum_states(metric: LanternaMetric, *names: str) -> None:
         metric.add_state(n, torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
 
-def _check_same_numel(metric: str, pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+def _check_same_shape(metric: str, pred: Tensor, target: Tensor) -> None:
+    """Refuse predictions and targets of different shapes (torch would broadcast (N, 1) against (N,) into
+    (N, N)), naming both shapes and the fix."""
     if pred.shape == target.shape:
-        return pred, target
-    if pred.numel() == target.numel() and pred.shape[0] == target.shape[0]:
-        return pred.reshape(target.shape), target
-    raise ValueError(
+        return
+    if pred.dim() == target.dim() + 1 and pred.shape[-1] == 1:
+        fix = "Squeeze the output (pred.squeeze(1)) or give the target a trailing dimension (y.unsqueeze(1))."
+    elif target.dim() == pred.dim() + 1 and target.shape[-1] == 1:
+        fix = "Squeeze the target (y.squeeze(1)) or make the model output shape (N, 1)."
+    else:
+        fix = "Make the model output the target's shape."
+    raise ShapeMismatchError(
         f"{metric}: predictions of shape {tuple(pred.shape)} and targets of shape {tuple(target.shape)} "
-        "do not match. Make the model output the target's shape (e.g. y.unsqueeze(1) or pred.squeeze(1))."
+        f"do not match. {fix}"
     )
+
+
+def entry_key(key: Any) -> str:
+    """History key of one entry of a metric that returns a dict (``ClasswiseWrapper``, ``MetricCollection``):
+    lowercase, with any character other than a letter, a digit, ``_``, ``.`` or ``-`` replaced by ``_``.
+
+    >>> entry_key("MulticlassAccuracy"), entry_key("acc sea/lion")
+    ('multiclassaccuracy', 'acc_sea_lion')
+    """
+    return re.sub(r"[^0-9a-z_.\-]+", "_", str(key).lower())
 
 
 def named(metric: Any, name: str, *, output: int | str | None = None) -> Any:
@@ -307,12 +325,12 @@ class MetricSet:
 
 
 def is_metric(obj: Any) -> bool:
-    """An ``ln.metrics`` object or a ``torchmetrics.Metric`` (checked without importing torchmetrics: a user
-    who made one has imported it)."""
+    """An ``ln.metrics`` object, a ``torchmetrics.Metric`` or a ``torchmetrics.MetricCollection`` (checked
+    without importing torchmetrics: a user who made one has imported it)."""
     if isinstance(obj, LanternaMetric):
         return True
     torchmetrics = sys.modules.get("torchmetrics")
-    return torchmetrics is not None and isinstance(obj, torchmetrics.Metric)
+    return torchmetrics is not None and isinstance(obj, (torchmetrics.Metric, torchmetrics.MetricCollection))
 
 
 def split_metric_spec(metrics: Any) -> tuple[list[Any], list[Any]]:
@@ -326,8 +344,10 @@ def split_metric_spec(metrics: Any) -> tuple[list[Any], list[Any]]:
     else:
         train = valid = list(metrics)
     for m in [*train, *valid]:
+        if isinstance(m, type) and (issubclass(m, LanternaMetric) or hasattr(m, "higher_is_better")):
+            raise MetricError(f"metrics=[{m.__name__}] is a class; pass an instance: metrics=[{m.__name__}()].")
         if not is_metric(m):
-            raise TypeError(
+            raise MetricError(
                 f"metrics must be ln.metrics objects or torchmetrics.Metric instances; got {type(m).__name__}. "
                 "Write a subclass of ln.metrics.LanternaMetric (add_state, update, compute) for your own metric."
             )

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import LanternaMetric, _add_sum_states, _check_same_numel
+from ..errors import ShapeMismatchError
+from .base import LanternaMetric, _add_sum_states, _check_same_shape
 
 __all__ = ["Accuracy", "BinaryAccuracy", "BinaryAccuracyWithLogits", "BinaryAUROC", "MulticlassAUROC"]
 
@@ -18,27 +19,66 @@ class _Correct(LanternaMetric):
         super().__init__()
         _add_sum_states(self, "correct", "count")
 
-    def _count(self, hits: Tensor) -> None:
-        self.correct += hits.sum(dtype=torch.float64)
-        self.count += hits.numel()
+    def _count(self, hits: Tensor, keep: Tensor | None = None) -> None:
+        if keep is None:
+            self.correct += hits.sum(dtype=torch.float64)
+            self.count += hits.numel()
+        else:  # a mask, not indexing: no device synchronisation
+            self.correct += (hits & keep).sum(dtype=torch.float64)
+            self.count += keep.sum(dtype=torch.float64)
 
     def compute(self) -> Tensor:
         return (self.correct / self.count).float()
 
 
+_BINARY_HINT = ("For a model with one output unit use ln.metrics.BinaryAccuracyWithLogits() (logits) or "
+                "ln.metrics.BinaryAccuracy() (probabilities).")
+
+
 class Accuracy(_Correct):
-    """Multiclass accuracy: argmax of the scores (N, C) against class indices (N,).
+    """Multiclass accuracy: argmax of the scores (N, C, ...) against class indices (N, ...), or class
+    predictions against class indices (both integer, same shape).
+
+    Args:
+        ignore_index: a target value whose samples are left out (as in torchmetrics), e.g. -100.
 
     >>> m = Accuracy(); m.update(torch.tensor([[0.1, 0.9], [0.8, 0.2]]), torch.tensor([1, 1]))
     >>> float(m.compute())
     0.5
+    >>> m = Accuracy(ignore_index=-100); m.update(torch.tensor([[0.1, 0.9], [0.8, 0.2]]), torch.tensor([1, -100]))
+    >>> float(m.compute())
+    1.0
     """
+
+    def __init__(self, ignore_index: int | None = None) -> None:
+        super().__init__()
+        self.ignore_index = ignore_index
 
     def update(self, pred: Tensor, target: Tensor) -> None:
         if pred.dim() == target.dim() + 1:
+            if pred.shape[1] == 1:
+                raise ShapeMismatchError(
+                    f"Accuracy: scores of shape {tuple(pred.shape)} have one column, whose argmax is always class "
+                    f"0 (targets {tuple(target.shape)}). {_BINARY_HINT}"
+                )
+            if pred.shape[:1] + pred.shape[2:] != target.shape:
+                raise ShapeMismatchError(
+                    f"Accuracy: scores of shape {tuple(pred.shape)} do not fit targets of shape "
+                    f"{tuple(target.shape)}: scores (N, C, ...) go with class indices (N, ...)."
+                )
             pred = pred.argmax(dim=1)
-        pred, target = _check_same_numel("Accuracy", pred, target)
-        self._count(pred == target)
+        elif pred.shape != target.shape:
+            raise ShapeMismatchError(
+                f"Accuracy: predictions of shape {tuple(pred.shape)} and targets of shape {tuple(target.shape)} do "
+                "not match: pass scores (N, C) with class indices (N,), or class indices of the targets' shape."
+            )
+        elif pred.is_floating_point():
+            raise ShapeMismatchError(
+                f"Accuracy: float predictions of the targets' shape {tuple(pred.shape)} are not class indices; "
+                f"Accuracy takes scores (N, C) with class indices (N,). {_BINARY_HINT}"
+            )
+        hits = pred == target
+        self._count(hits, None if self.ignore_index is None else target != self.ignore_index)
 
 
 class BinaryAccuracy(_Correct):
@@ -54,7 +94,7 @@ class BinaryAccuracy(_Correct):
         self.threshold = threshold
 
     def update(self, pred: Tensor, target: Tensor) -> None:
-        pred, target = _check_same_numel("BinaryAccuracy", pred, target)
+        _check_same_shape(type(self).__name__, pred, target)
         self._count((pred > self.threshold) == (target > 0.5))
 
 
@@ -116,7 +156,7 @@ class BinaryAUROC(_Ranked):
         self.from_logits = from_logits
 
     def update(self, pred: Tensor, target: Tensor) -> None:
-        pred, target = _check_same_numel("BinaryAUROC", pred, target)
+        _check_same_shape("BinaryAUROC", pred, target)
         self.preds.append(pred.detach().float().reshape(-1))
         self.targets.append(target.reshape(-1) > 0.5)
 
@@ -128,8 +168,9 @@ class BinaryAUROC(_Ranked):
 class MulticlassAUROC(_Ranked):
     """One-vs-rest AUROC over ``num_classes`` classes from probabilities (N, C), or logits (any value outside
     [0, 1]: a softmax is applied, as torchmetrics does): ``average="macro"`` (the mean over
-    classes), ``"weighted"`` (by each class's number of samples) or None (one value per class). A class absent
-    from the epoch's targets has no AUROC (NaN) and is left out of the averages.
+    classes), ``"weighted"`` (by each class's number of samples), ``"micro"`` (one AUROC of all the one-vs-rest
+    scores flattened, as scikit-learn's ``roc_auc_score(onehot, scores, average="micro")``) or None (one value
+    per class). A class absent from the epoch's targets has no AUROC (NaN) and is left out of the averages.
 
     >>> m = MulticlassAUROC(num_classes=2)
     >>> m.update(torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]]), torch.tensor([0, 1, 1]))
@@ -139,8 +180,8 @@ class MulticlassAUROC(_Ranked):
 
     def __init__(self, num_classes: int, average: str | None = "macro") -> None:
         super().__init__()
-        if average not in ("macro", "weighted", None, "none"):
-            raise ValueError(f"MulticlassAUROC(average={average!r}): use 'macro', 'weighted' or None.")
+        if average not in ("macro", "weighted", "micro", None, "none"):
+            raise ValueError(f"MulticlassAUROC(average={average!r}): use 'macro', 'weighted', 'micro' or None.")
         self.num_classes = num_classes
         self.average = average
 
@@ -150,6 +191,11 @@ class MulticlassAUROC(_Ranked):
                 f"MulticlassAUROC(num_classes={self.num_classes}) needs scores of shape (N, {self.num_classes}); "
                 f"got {tuple(pred.shape)}."
             )
+        if target.shape != pred.shape[:1]:
+            raise ShapeMismatchError(
+                f"MulticlassAUROC: targets of shape {tuple(target.shape)} do not fit scores of shape "
+                f"{tuple(pred.shape)}: the targets are class indices of shape ({pred.shape[0]},)."
+            )
         self.preds.append(pred.detach().float())
         self.targets.append(target.reshape(-1).long())
 
@@ -157,6 +203,9 @@ class MulticlassAUROC(_Ranked):
         preds, targets = self._cat()
         if bool(((preds < 0) | (preds > 1)).any()):  # logits: one-vs-rest ranks need probabilities (softmax)
             preds = preds.softmax(dim=1)
+        if self.average == "micro":
+            onehot = targets.unsqueeze(1) == torch.arange(self.num_classes, device=targets.device)
+            return _auroc(preds.reshape(-1), onehot.reshape(-1)).float()
         per_class = torch.stack([_auroc(preds[:, c], targets == c) for c in range(self.num_classes)])
         if self.average in (None, "none"):
             return per_class.float()

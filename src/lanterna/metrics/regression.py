@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import LanternaMetric, _add_sum_states, _check_same_numel
+from .base import LanternaMetric, _add_sum_states, _check_same_shape
 
 __all__ = ["MAE", "MSE", "RMSE"]
 
@@ -21,7 +21,7 @@ class _ErrorSum(LanternaMetric):
         return diff.square()
 
     def update(self, pred: Tensor, target: Tensor) -> None:
-        pred, target = _check_same_numel(self.display_name, pred, target)
+        _check_same_shape(self.display_name, pred, target)
         self.error_sum += self._errors(pred.detach() - target).sum(dtype=torch.float64)
         self.count += target.numel()
 

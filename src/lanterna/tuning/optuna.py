@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import math
+import numbers
 import os
 import random
+import re
 import sqlite3
 import time
 import warnings
@@ -14,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..callbacks.monitor import Monitor
+from ..callbacks.monitor import resolve_mode
 from ..callbacks.optuna_pruning import OptunaPruning, import_optuna
 from ..errors import LanternaError, MonitorError, NonFiniteLossError
 
@@ -23,6 +26,7 @@ __all__ = ["tune", "storage", "DEFAULT_STORAGE"]
 #: Where ``tune`` keeps its studies unless told otherwise: a SQLite file in the working directory.
 DEFAULT_STORAGE = "sqlite:///lanterna_tune.db"
 
+_PASSWORD = re.compile(r"//([^:/@]*):[^@/]*@")  # user:password@ in a database URL
 _JITTER = random.Random()  # its own generator: waiting must not move the user's random state
 
 _FIT_KEYS = ("data", "epochs", "valid_data", "callbacks", "verbose", "accelerator", "dataloader_options", "seed")
@@ -56,12 +60,14 @@ def storage(
     optuna = import_optuna()
     if url is not None and os.fspath(url) == ":memory:":  # one process: no database, no heartbeats
         return optuna.storages.InMemoryStorage()
+    where = _describe_storage(url)
     url = _url(url)
     engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite:"):
         path = _sqlite_path(url)
         if path is not None:
-            _enable_wal(path, timeout)
+            with _storage_errors(where):
+                _enable_wal(path, timeout)
         engine_kwargs = {"connect_args": {"timeout": float(timeout)}}
     kwargs: dict[str, Any] = {"engine_kwargs": engine_kwargs}
     with warnings.catch_warnings():  # heartbeats and retries are marked experimental by Optuna
@@ -76,7 +82,8 @@ def storage(
                 key = "heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in params else (
                     "failed_trial_callback")
                 kwargs[key] = retry(max_retry=int(max_retry))
-        return _retry_locked(lambda: optuna.storages.RDBStorage(url, **kwargs))
+        with _storage_errors(where):
+            return _retry_locked(lambda: optuna.storages.RDBStorage(url, **kwargs))
 
 
 def tune(
@@ -95,14 +102,15 @@ def tune(
     direction: str | None = None,
     sampler: Any = None,
     pruner: Any = None,
-    load_if_exists: bool = True,
+    load_if_exists: bool = False,
     heartbeat_interval: int | None = 60,
     grace_period: int | None = None,
     max_retry: int | None = 3,
     catch: Sequence[type[BaseException]] = (NonFiniteLossError,),
     **fit_kwargs: Any,
 ) -> Any:
-    """Run (or join) an Optuna study whose trials fit setups; returns the ``optuna.Study``.
+    """Run a new Optuna study (or, with ``load_if_exists=True``, join one) whose trials fit setups; returns the
+    ``optuna.Study``.
 
     ``objective(trial)`` suggests hyperparameters and returns what to fit: an ``ln.Setup``; or a dict with a
     ``"setup"`` key plus ``fit`` arguments for this trial (``{"setup": s, "dataloader_options": {...}}``); or
@@ -112,16 +120,48 @@ def tune(
 
     The trial's value is the ``monitor`` quantity of the history: its best epoch (``value="best"``, by
     ``mode``) or the last (``value="last"``). The study's direction follows ``mode`` (``valid_acc`` is
-    maximised, ``valid_loss`` minimised) unless ``direction`` is given. With ``prune=True`` an
+    maximised, ``valid_loss`` minimised) unless ``direction`` is given: with ``mode="auto"`` it is read from the
+    metric behind the monitor (its ``higher_is_better``), so the objective is called once on a throwaway trial to
+    see the setup's metrics (nothing is fitted; ``*_loss`` monitors, ``mode="min"``/``"max"`` and ``direction=``
+    need no such call). With ``prune=True`` an
     :class:`~lanterna.callbacks.OptunaPruning` callback reports the value every epoch, so the study's
     ``pruner`` (Optuna's default ``MedianPruner``, or e.g. ``optuna.pruners.MedianPruner(n_startup_trials=5)``)
     can stop bad trials early. A trial whose loss becomes NaN/Inf is recorded FAILED and the study goes on.
 
+    A run never joins an existing study by accident: an existing ``study_name`` (default: the objective's name)
+    is an error unless ``load_if_exists=True``, and joining a study whose direction differs, or whose trials
+    suggest a parameter with another distribution (range, step, log scale, choices) or no parameter in common
+    with this objective's first trial, is an error naming both (checked before that trial's fit).
+
     Parallel search (seed 004): the storage defaults to a SQLite file in the working directory, opened by
     :func:`storage` (WAL, lock timeout, heartbeats, retries of trials whose worker died). Start the same
-    script in several processes: they join the study named ``study_name`` (default: the objective's name)
-    and share its trials. ``n_trials`` counts this process's trials; ``max_trials`` caps the study's finished
-    (complete or pruned) trials over all workers.
+    script with ``load_if_exists=True`` in several processes: they join the study named ``study_name`` and share
+    its trials. ``n_trials`` counts this process's trials; ``max_trials`` caps the study's finished (complete or
+    pruned) trials over all workers; ``timeout`` bounds this process's time in seconds. A study file that is
+    damaged or read-only is an error naming it.
+
+    Args:
+        objective: ``trial -> Setup`` (or a dict / tuple with fit arguments, or a number).
+        data: the training data shared by all trials.
+        n_trials: this process's number of trials (a positive integer).
+        max_trials: the study's cap on finished trials over all workers (a positive integer).
+        timeout: seconds this process runs trials for (> 0).
+        monitor: the history key that is the trial's value.
+        mode: ``"auto"``, ``"min"`` or ``"max"`` for ``monitor``.
+        value: ``"best"`` (the monitor's best epoch) or ``"last"``.
+        prune: report every epoch to the study's pruner.
+        study_name: the study (default: the objective's function name, ``"lanterna"`` for a lambda).
+        storage: a SQLite path, a database URL, ``":memory:"`` or an Optuna storage (default
+            :data:`DEFAULT_STORAGE`).
+        direction: ``"minimize"`` / ``"maximize"``; default from ``monitor`` and ``mode``.
+        sampler: an Optuna sampler for this process.
+        pruner: an Optuna pruner for this process.
+        load_if_exists: join the study when it exists (same direction and search space), instead of an error.
+        heartbeat_interval: see :func:`storage`.
+        grace_period: see :func:`storage`.
+        max_retry: see :func:`storage`.
+        catch: exceptions that fail a trial without ending the study.
+        **fit_kwargs: fit's arguments for every trial.
 
     >>> import lanterna as ln
     >>> def objective(trial):
@@ -133,6 +173,8 @@ def tune(
     ...                 n_trials=20)  # doctest: +SKIP
     >>> study.best_params  # doctest: +SKIP
     {'n_hidden': 116, 'lr': 0.0852...}
+    >>> study = ln.tune(objective, train_dl, valid_data=valid_dl, epochs=10, monitor="valid_acc",
+    ...                 n_trials=20, load_if_exists=True)  # doctest: +SKIP  (20 more trials)
     """
     optuna = import_optuna()
     if not callable(objective):
@@ -142,6 +184,16 @@ def tune(
     if n_trials is None and max_trials is None and timeout is None:
         raise LanternaError("tune() needs a limit: n_trials=... (this process), max_trials=... (the whole study) "
                             "or timeout=... seconds.")
+    for key, limit in (("n_trials", n_trials), ("max_trials", max_trials)):
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or limit < 1):
+            raise LanternaError(f"tune({key}={limit!r}): {key} must be a positive whole number (or None), "
+                                f"e.g. {key}=20.")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, numbers.Real)
+                                or not 0 < timeout < math.inf):
+        raise LanternaError(f"tune(timeout={timeout!r}): timeout must be a positive number of seconds (or None), "
+                            "e.g. timeout=3600.")
+    if not isinstance(load_if_exists, bool):
+        raise LanternaError(f"tune(load_if_exists={load_if_exists!r}): use True (join an existing study) or False.")
     unknown = set(fit_kwargs) - set(_FIT_KEYS)
     if unknown:
         raise LanternaError(f"tune() got unknown arguments {sorted(unknown)}; besides its own options it takes "
@@ -154,32 +206,59 @@ def tune(
             "the objective with a folder per trial instead: {'setup': ..., 'callbacks': "
             "[ln.callbacks.AutoResume(f'resume/{trial.number}')]}."
         )
-    mon = Monitor(monitor, mode)
-    if direction is None:
-        direction = "maximize" if mon.mode == "max" else "minimize"
-    elif direction not in ("minimize", "maximize"):
+    if mode not in ("min", "max", "auto"):
+        raise MonitorError(f"tune(mode={mode!r}): use 'auto', 'min' or 'max'.")
+    if direction is not None and direction not in ("minimize", "maximize"):
         raise LanternaError(f"tune(direction={direction!r}): use 'minimize' or 'maximize'.")
-    if study_name is None:
-        name = getattr(objective, "__name__", "")
-        study_name = name if name and name != "<lambda>" else "lanterna"
-    st = storage if storage is not None and not isinstance(storage, (str, os.PathLike)) else _storage_fn(
-        storage, heartbeat_interval=heartbeat_interval, grace_period=grace_period, max_retry=max_retry)
-    study = _retry_locked(lambda: optuna.create_study(
-        study_name=study_name, storage=st, direction=direction, sampler=sampler, pruner=pruner,
-        load_if_exists=load_if_exists))
-
     shared = {"verbose": False, **fit_kwargs}
     if data is not None:
         shared["data"] = data
+    given_mode = None if direction is None else ("max" if direction == "maximize" else "min")
+    if direction is None:
+        direction = "maximize" if _probe_mode(objective, shared, monitor, mode) == "max" else "minimize"
+    if study_name is None:
+        name = getattr(objective, "__name__", "")
+        study_name = name if name and name != "<lambda>" else "lanterna"
+
+    where = _describe_storage(storage)
+    if storage is None or isinstance(storage, (str, os.PathLike)) and os.fspath(storage) != ":memory:":
+        url = _url(storage)
+        _check_writable(_sqlite_path(url) if url.startswith("sqlite:") else None)
+    with _storage_errors(where):
+        st = storage if storage is not None and not isinstance(storage, (str, os.PathLike)) else _storage_fn(
+            storage, heartbeat_interval=heartbeat_interval, grace_period=grace_period, max_retry=max_retry)
+        try:
+            study = _retry_locked(lambda: optuna.create_study(
+                study_name=study_name, storage=st, direction=direction, sampler=sampler, pruner=pruner,
+                load_if_exists=load_if_exists))
+        except optuna.exceptions.DuplicatedStudyError:
+            raise LanternaError(
+                f"A study {study_name!r} already exists in {where}. Pass load_if_exists=True to add trials to it "
+                f"(same direction and search space), or another study_name=... for a new study."
+            ) from None
+    _check_direction(study, direction, where, monitor, mode, given_mode is not None)
+
+    first = [True]
 
     def run_trial(trial: Any) -> float:
-        spec = objective(trial)
+        try:
+            spec = objective(trial)
+        except ValueError as e:  # Optuna refuses some changes itself (another log scale or kind for a name)
+            if not str(e).startswith("Cannot set different"):
+                raise
+            raise _space_error(study, trial, where, str(e).rstrip(".")) from e
+        if first[0]:  # before this process's first fit: the search space must be the study's
+            first[0] = False
+            error = _space_error(study, trial, where)
+            if error is not None:
+                raise error
         if isinstance(spec, (int, float)) and not isinstance(spec, bool):
             return float(spec)
         setup, kwargs = _fit_spec(spec, shared)
+        trial_mode = _trial_mode(monitor, mode, setup, given_mode)
         callbacks = [_copy(cb) for cb in kwargs.pop("callbacks", None) or []]
         if prune:
-            callbacks.append(OptunaPruning(trial, monitor, mode))
+            callbacks.append(OptunaPruning(trial, monitor, trial_mode))
         if "data" not in kwargs:
             raise LanternaError("tune(): no training data; pass it as tune(objective, data, ...) or return it "
                                 "from the objective as {'setup': ..., 'data': ...}.")
@@ -196,7 +275,7 @@ def tune(
         finite = [v for v in values if not math.isnan(v)]
         if not finite:
             return float("nan")
-        return max(finite) if mon.mode == "max" else min(finite)
+        return max(finite) if trial_mode == "max" else min(finite)
 
     run_trial.__name__ = study_name
     callbacks = []
@@ -213,6 +292,109 @@ _storage_fn = storage
 
 
 # ---------------------------------------------------------------------------- helpers
+
+
+def _probe_mode(objective: Callable[[Any], Any], shared: Mapping[str, Any], monitor: str, mode: str) -> str:
+    """``"min"``/``"max"`` for ``monitor``: from the name when it tells (a loss, an explicit mode), else from the
+    metrics of the setup the objective returns for a throwaway in-memory trial (nothing is fitted)."""
+    with contextlib.suppress(MonitorError):
+        return resolve_mode(monitor, mode)
+    optuna = import_optuna()
+    with _quiet_optuna():
+        trial = optuna.create_study(storage=optuna.storages.InMemoryStorage(),
+                                    sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+    spec = objective(trial)
+    if isinstance(spec, numbers.Real) and not isinstance(spec, bool):
+        raise LanternaError(
+            f"tune(monitor={monitor!r}, mode={mode!r}): the objective returns a number, so no metric tells whether "
+            "to minimise or maximise it. Pass direction='minimize' or direction='maximize'."
+        )
+    setup, _ = _fit_spec(spec, shared)
+    return resolve_mode(monitor, mode, metrics=setup.metrics)
+
+
+def _trial_mode(monitor: str, mode: str, setup: Any, given_mode: str | None) -> str:
+    """The monitor's direction for this trial's setup; the study's, when the user gave one and the metric
+    cannot tell (a ``ctx.log`` value)."""
+    try:
+        return resolve_mode(monitor, mode, metrics=setup.metrics)
+    except MonitorError:
+        if given_mode is None:
+            raise
+        return given_mode
+
+
+@contextlib.contextmanager
+def _quiet_optuna() -> Any:
+    optuna = import_optuna()
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(max(level, optuna.logging.WARNING))
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(level)
+
+
+def _check_direction(study: Any, direction: str, where: str, monitor: str, mode: str, given: bool) -> None:
+    theirs = [d.name.lower() for d in study.directions]
+    if theirs == [direction]:
+        return
+    shown = f"{theirs[0]}s" if len(theirs) == 1 else f"optimizes {theirs} (multi-objective)"
+    why = f"direction={direction!r}" if given else f"monitor={monitor!r}, mode={mode!r}"
+    raise LanternaError(
+        f"The study {study.study_name!r} in {where} {shown}, but this run {direction}s ({why}). Join it with its "
+        f"direction (direction={theirs[0]!r}, or a monitor and mode that {theirs[0]}), or pass another "
+        "study_name=... for a new study."
+    )
+
+
+def _space_error(study: Any, trial: Any, where: str, reason: str | None = None) -> LanternaError | None:
+    """This trial's parameters against those of the study's other live or finished trials: a parameter with
+    another distribution, or no parameter in common, is another search space. (New parameters are allowed:
+    a conditional search space can take a branch the study has not seen yet.) ``reason``: Optuna's own
+    refusal of a parameter, then always an error."""
+    mine = dict(trial.distributions)
+    if not mine and reason is None:
+        return None
+    optuna = import_optuna()
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
+    theirs: dict[str, list[Any]] = {}
+    for t in study.get_trials(deepcopy=False, states=states):
+        if t.number == trial.number:
+            continue
+        for name, dist in t.distributions.items():
+            seen = theirs.setdefault(name, [])
+            if dist not in seen:
+                seen.append(dist)
+    if not theirs and reason is None:
+        return None
+    differ = [name for name, dist in mine.items() if name in theirs and dist not in theirs[name]]
+    if not differ and set(mine) & set(theirs) and reason is None:
+        return None
+    what = reason or (f"{', '.join(differ)} differ{'s' if len(differ) == 1 else ''}" if differ
+                      else "no parameter in common")
+    return LanternaError(
+        f"The study {study.study_name!r} in {where} searches {_describe_space(theirs)}; this objective suggests "
+        f"{_describe_space({k: [v] for k, v in mine.items()})} ({what}). Join it with the same search space, or "
+        "pass another study_name=... for a new study."
+    )
+
+
+def _describe_space(space: Mapping[str, list[Any]]) -> str:
+    return "{" + ", ".join(f"{name}: {' or '.join(_describe_dist(d) for d in dists)}"
+                           for name, dists in space.items()) + "}"
+
+
+def _describe_dist(dist: Any) -> str:
+    choices = getattr(dist, "choices", None)
+    if choices is not None:
+        return f"one of {list(choices)}"
+    if not hasattr(dist, "low"):
+        return repr(dist)
+    kind = "int" if type(dist).__name__.startswith("Int") else "float"
+    step = getattr(dist, "step", None)
+    text = f"{kind} in [{dist.low}, {dist.high}]" + (" log" if getattr(dist, "log", False) else "")
+    return text + (f" step {step}" if step is not None and not (kind == "int" and step == 1) else "")
 
 
 def _fit_spec(spec: Any, shared: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
@@ -285,14 +467,104 @@ def _enable_wal(path: Path, timeout: float) -> None:
 
 
 def _retry_locked(fn: Callable[[], Any], attempts: int = 8) -> Any:
-    """Run ``fn``, retrying when concurrent workers race to create the same tables or study."""
+    """Run ``fn``, retrying when concurrent workers hold a lock or race to create the same tables or study;
+    any other error (a damaged or read-only file, an existing study) is raised at once."""
     for i in range(attempts):
         try:
             return fn()
         except Exception as e:
-            transient = type(e).__name__ in ("OperationalError", "IntegrityError", "DatabaseError") or (
-                "locked" in str(e) or "already exists" in str(e))
-            if not transient or i == attempts - 1:
+            if not _transient(e) or i == attempts - 1:
                 raise
             time.sleep(0.05 * (2 ** i) * (1 + _JITTER.random()))
     raise AssertionError("unreachable")
+
+
+def _chain(e: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    cur: BaseException | None = e
+    while cur is not None and cur not in seen:
+        seen.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return seen
+
+
+def _transient(e: BaseException) -> bool:
+    chain = _chain(e)
+    names = {type(x).__name__ for x in chain}
+    if "DuplicatedStudyError" in names:
+        return False
+    text = " ".join(str(x) for x in chain).lower()
+    return "IntegrityError" in names or any(k in text for k in ("database is locked", "database table is locked",
+                                                                  "busy", "already exists"))
+
+
+def _describe_storage(storage: Any) -> str:
+    """How errors name a storage: the SQLite file, the URL without its password, or the storage's type."""
+    if storage is None or isinstance(storage, (str, os.PathLike)):
+        if storage is not None and os.fspath(storage) == ":memory:":
+            return "the in-memory storage"
+        url = _url(storage)
+        path = _sqlite_path(url) if url.startswith("sqlite:") else None
+        if path is not None:
+            return f"the study file {str(path.expanduser().resolve())!r}"
+        shown = _PASSWORD.sub(r"//\1:***@", url)
+        return f"the study storage {shown!r}"
+    url = getattr(storage, "url", None)  # an RDBStorage
+    return _describe_storage(url) if isinstance(url, str) else f"the {type(storage).__name__}"
+
+
+def _check_writable(path: Path | None) -> None:
+    """A read-only study file (or folder, where SQLite writes its -wal and -shm files) fails now, not after
+    Optuna's retries or at the first trial's write."""
+    if path is None:
+        return
+    path = path.expanduser().resolve()
+    fix = "Make it writable, or pass another storage=... (a path in a folder you can write to)."
+    if path.exists() and not os.access(path, os.W_OK):
+        raise LanternaError(f"The study file {str(path)!r} is read-only (no write permission): tune writes every "
+                            f"trial to it. {fix}")
+    if path.parent.is_dir() and not os.access(path.parent, os.W_OK | os.X_OK):
+        raise LanternaError(f"The folder of the study file {str(path)!r} is read-only: SQLite writes the file and "
+                            f"its -wal/-shm files there. {fix}")
+
+
+@contextlib.contextmanager
+def _storage_errors(where: str) -> Any:
+    """Turn a damaged, read-only or unreachable database into an error that names it and the cause."""
+    try:
+        yield
+    except LanternaError:
+        raise
+    except Exception as e:
+        message = _storage_problem(e, where)
+        if message is None:
+            raise
+        raise LanternaError(message) from e
+
+
+def _storage_problem(e: BaseException, where: str) -> str | None:
+    chain = _chain(e)
+    text = " ".join(str(x) for x in chain).lower()
+    subject = where[0].upper() + where[1:]
+    fix = "Move it away or pass another storage=... (a new file starts a new study)."
+    for marker in ("file is not a database", "database disk image is malformed", "not a database"):
+        if marker in text:
+            return (f"{subject} is not a SQLite database ({marker}): it is damaged, or some other kind of file. "
+                    f"{fix}")
+    for marker in ("attempt to write a readonly database", "readonly database", "read-only file system"):
+        if marker in text:
+            return (f"{subject} is read-only ({marker}): tune writes every trial to it. Make it writable, or pass "
+                    "another storage=... (a path in a folder you can write to).")
+    os_error = next((x for x in chain if isinstance(x, OSError)), None)
+    if os_error is not None:
+        if isinstance(os_error, (FileExistsError, NotADirectoryError)) and os_error.filename:
+            path = Path(os.fsdecode(os_error.filename))
+            blocker = next((p for p in (path, *path.parents) if p.exists()), None)
+            if blocker is not None and not blocker.is_dir():
+                return (f"{subject} cannot be created: {str(blocker)!r} is a file, not a folder. "
+                        "Pass another storage=....")
+        return f"{subject} cannot be created ({type(os_error).__name__}: {os_error.strerror or os_error}). {fix}"
+    if "unable to open database file" in text:
+        return (f"{subject} cannot be opened (unable to open database file): is its folder missing or read-only? "
+                "Pass another storage=....")
+    return None
