@@ -184,3 +184,17 @@ def test_with_init_wraps_a_factory_function_too():
 
     model = ln.setup(ln.with_init(make, init_weights)).set_hparams(width=300).build_model()
     assert float(model[0].weight.detach().std()) == pytest.approx(0.01, rel=0.1)
+
+
+def test_with_init_applies_to_the_module_itself_when_init_tests_its_exact_type():
+    """A hand-written init tests ``type(m) == nn.Linear``; with_init's subclass must still match at the root."""
+
+    def init_weights(m):
+        if type(m) == nn.Linear:  # noqa: E721 - the seeds' idiom
+            nn.init.constant_(m.weight, 0.5)
+
+    fitted = ln.setup(ln.with_init(nn.Linear, init_weights), loss=nn.MSELoss(), optimizer=torch.optim.SGD).set_hparams(
+        in_features=3, out_features=1).set_opt_hparams(lr=0.0).fit((torch.randn(8, 3), torch.randn(8, 1)), epochs=1,
+                                                                   verbose=False)
+    assert torch.equal(fitted.model.weight, torch.full((1, 3), 0.5))
+    assert isinstance(fitted.model, nn.Linear)

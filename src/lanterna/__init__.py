@@ -6,6 +6,7 @@
 """
 
 from . import callbacks, metrics, tuning
+from ._version import __version__
 from .api import Setup, seed_everything, setup
 from .core.accelerator import Accelerator
 from .core.callback import Callback
@@ -29,14 +30,13 @@ from .errors import (
     ShapeMismatchError,
     TargetDtypeError,
 )
-from .io.fitted import load_fitted as load
+from .loading import load_fitted as load
 from .params import param_groups, with_init, with_param_groups
 from .results import Evaluation, Fitted
 from .tuning import lr_finder, tune
 
-__version__ = "0.1.0"
-
 __all__ = [
+    "__version__",
     "Accelerator",
     "ArtifactError",
     "Callback",

@@ -1,4 +1,4 @@
-"""The composition root: ``ln.setup(...) → Setup → .fit(...) → Fitted`` (API.md §1)."""
+"""The composition root: ``ln.setup(...) → Setup → .fit(...) → Fitted`` (README.md, "Quick start")."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ from .core.checks import check_first_batch
 from .core.context import Context
 from .core.loop import fit_loop
 from .core.losses import build_loss
-from .core.step import custom_step, make_forward, make_loss, train_step, valid_step
+from .core.step import Stepper
+from .core.world import Local
 from .data import BatchSource, make_source, split_valid
 from .errors import DataError, LanternaError, NonFiniteLossError
 from .metrics.base import split_metric_spec
@@ -48,6 +49,7 @@ class Setup:
     ``set_*`` returns a new Setup, so one Setup can be fitted many times.
 
     >>> import lanterna as ln
+    >>> from torch import nn
     >>> s = ln.setup(nn.Linear, loss=nn.MSELoss()).set_hparams(in_features=3, out_features=1)
     >>> s.hparams
     {'in_features': 3, 'out_features': 1}
@@ -144,7 +146,7 @@ class Setup:
         """Train and return a :class:`Fitted`.
 
         Args:
-            data: training data in any form of API.md §2.
+            data: training data in any form of docs/models.md, "Data forms".
             epochs: an int, or ``(min_epochs, max_epochs)``: early stopping never stops before min_epochs.
             valid_data: validation data, or a fraction in (0, 1) of ``data`` held out (seeded, stratified).
             callbacks: ``ln.Callback`` objects; a built-in one given here replaces the default of its type.
@@ -153,7 +155,8 @@ class Setup:
             dataloader_options: options where lanterna builds the loader (batch_size=32, shuffle, ...).
             seed: seeds model init, shuffling and the validation split.
 
-        >>> import lanterna as ln
+        >>> import lanterna as ln, torch
+        >>> from torch import nn
         >>> x, y = torch.randn(64, 3), torch.randn(64, 1)
         >>> fitted = ln.setup(nn.Linear, loss=nn.MSELoss()).set_hparams(in_features=3, out_features=1).fit(
         ...     (x, y), epochs=2, verbose=False)
@@ -186,23 +189,18 @@ class Setup:
         train_metrics, valid_metrics = split_metric_spec(self.metrics)
 
         ctx = Context(
-            model=model, forward_model=forward_model, optimizers=optimizers, loss_fn=loss_fn, accelerator=acc,
-            device=acc.device, scaler=acc.make_scaler(), train_data=train_src, valid_data=valid_src,
-            valid_name="valid", min_epochs=min_epochs, max_epochs=max_epochs, start_epoch=0,
-            verbose=verbose is not False, setup=self, custom_step=has_step,
-            eval_forward_model=eval_forward_model, dist=ddp,
+            model=model, forward_model=forward_model, eval_forward_model=eval_forward_model, optimizers=optimizers,
+            loss_fn=loss_fn, accelerator=acc, device=acc.device, scaler=acc.make_scaler(), setup=self,
+            custom_step=has_step, train_data=train_src, valid_data=valid_src, min_epochs=min_epochs,
+            max_epochs=max_epochs, verbose=verbose is not False, world=ddp if ddp is not None else Local(),
         )
-        if ddp is not None:
-            ctx.rank, ctx.world_size, ctx.is_main = ddp.rank, ddp.world_size, ddp.is_main
         defaults: list[Callback] = [TerminateOnNaN(), MetricsCallback(train_metrics, valid_metrics),
                                     LRRecorder()]
         printer = make_printer(verbose) if ctx.is_main else None
         if printer is not None:
             defaults.append(printer)
         ctx.hooks = Hooks(_merge_callbacks(defaults, [] if callbacks is None else callbacks))
-        ctx._forward = make_forward(ctx)
-        ctx._compute_loss = make_loss(ctx) if loss_fn is not None else None
-        ctx.train_step, ctx.valid_step = (custom_step, custom_step) if has_step else (train_step, valid_step)
+        ctx.stepper = Stepper(ctx)
         for opt in optimizers.values():
             opt.zero_grad(set_to_none=True)
 
@@ -238,10 +236,15 @@ def setup(
     metrics: Any = None,
     loss_weights: Sequence[float] | Mapping[str, float] | None = None,
 ) -> Setup:
-    """Declare what to train and how (API.md §1).
+    """Declare what to train and how (README.md, "Quick start").
 
-    >>> import lanterna as ln
+    >>> import lanterna as ln, torch
+    >>> from torch import nn
     >>> s = ln.setup(nn.Linear, loss=nn.MSELoss(), optimizer=torch.optim.Adam, metrics=[ln.metrics.MAE()])
+    >>> fitted = s.set_hparams(in_features=3, out_features=1).fit((torch.randn(64, 3), torch.randn(64, 1)),
+    ...                                                           epochs=2, verbose=False)
+    >>> [sorted(h) for h in fitted.history][-1]
+    ['epoch', 'epoch_time', 'lr', 'train_loss', 'train_mae']
     """
     return Setup(module=module, loss=loss, optimizer=optimizer, metrics=metrics, loss_weights=loss_weights)
 

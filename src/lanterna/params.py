@@ -1,10 +1,15 @@
-"""Parameter groups and initialisation: weight decay on weights but not on biases and norm layers (seed 003),
+"""Parameter groups and initialisation: weight decay on weights but not on biases and norm layers,
 per-module optimizer options, and an init function applied when the module is built.
 
 >>> import lanterna as ln
 >>> import torch
 >>> from torch import nn
->>> setup = ln.setup(nn.Linear, loss=nn.MSELoss(), optimizer=ln.with_param_groups(torch.optim.AdamW))
+>>> x, y = torch.randn(32, 3), torch.randn(32, 1)
+>>> fitted = (ln.setup(nn.Linear, loss=nn.MSELoss(), optimizer=ln.with_param_groups(torch.optim.AdamW))
+...           .set_hparams(in_features=3, out_features=1).set_opt_hparams(lr=1e-3, weight_decay=1e-2)
+...           .fit((x, y), epochs=1, verbose=False))
+>>> [(g["name"], g["weight_decay"]) for g in fitted.optimizers["opt"].param_groups]
+[('decay', 0.01), ('no_decay', 0.0)]
 """
 
 from __future__ import annotations
@@ -77,14 +82,19 @@ def param_groups(
     longest matching key wins. Frozen parameters (``requires_grad=False``) are left out. Each group carries a
     ``"name"`` such as ``"decay"``, ``"no_decay"`` or ``"head.decay"``.
 
-    This is seed 003's hand-built ``[{'params': net[0].weight, 'weight_decay': wd}, {'params': net[0].bias}]``
+    This is the hand-built ``[{'params': net[0].weight, 'weight_decay': wd}, {'params': net[0].bias}]``
     for any model; use it in ``set_optimizers`` or with a plain optimizer.
 
+    >>> import torch
+    >>> from torch import nn
+    >>> from lanterna import param_groups
     >>> net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 1))
     >>> groups = param_groups(net, weight_decay=1e-2)
     >>> [(g["name"], len(g["params"]), g["weight_decay"]) for g in groups]
     [('decay', 2, 0.01), ('no_decay', 4, 0.0)]
     >>> opt = torch.optim.SGD(groups, lr=0.1)
+    >>> [g["weight_decay"] for g in opt.param_groups]
+    [0.01, 0.0]
     """
     if not isinstance(model, nn.Module):
         raise LanternaError(f"param_groups() needs an nn.Module, got {type(model).__name__}.")
@@ -193,28 +203,41 @@ def with_param_groups(
     norm-layer parameters always get 0. ``options`` gives per-module options (``{"head": {"lr": 1e-2}}``),
     as in :func:`param_groups`.
 
-    >>> import lanterna as ln
+    >>> import lanterna as ln, torch
+    >>> from torch import nn
     >>> setup = (ln.setup(nn.Linear, loss=nn.MSELoss(), optimizer=ln.with_param_groups(torch.optim.AdamW))
     ...          .set_hparams(in_features=3, out_features=1).set_opt_hparams(lr=1e-3, weight_decay=1e-2))
+    >>> opt = ln.with_param_groups(torch.optim.AdamW, weight_decay=1e-2)(nn.Linear(3, 1).parameters(), lr=1e-3)
+    >>> [(g["name"], len(g["params"]), g["weight_decay"]) for g in opt.param_groups]  # weight, bias
+    [('decay', 1, 0.01), ('no_decay', 1, 0.0)]
     """
     return ParamGroupOptimizer(optimizer, weight_decay, exclude=exclude, options=options)
 
 
 def with_init(module: type[nn.Module] | Callable[..., nn.Module], init: Callable[[nn.Module], Any]) -> Any:
-    """The module, built as usual with the hparams and then passed through ``model.apply(init)`` — seed 003's
-    ``net.apply(init_weights)`` as part of the setup. With ``fit(seed=...)`` the init is seeded too.
+    """The module, built as usual with the hparams and then passed through ``model.apply(init)`` — a
+    hand-written loop's ``net.apply(init_weights)`` as part of the setup. With ``fit(seed=...)`` the init is seeded too.
 
     For an ``nn.Module`` class the result is a subclass that keeps the class's name, import path and
     signature: hparams are checked against it, ``isinstance(model, Net)`` holds, and a saved model reloads
     with ``ln.load(path)`` as the class itself. For a factory function the result is a factory.
     The alternative is to call ``self.apply(init_weights)`` at the end of the module's ``__init__``.
 
-    >>> import lanterna as ln
+    >>> import lanterna as ln, torch
+    >>> from torch import nn
+    >>> class Net(nn.Module):
+    ...     def __init__(self, d_in):
+    ...         super().__init__()
+    ...         self.net = nn.Sequential(nn.Linear(d_in, 300), nn.ReLU(), nn.Linear(300, 1))
+    ...     def forward(self, x):
+    ...         return self.net(x)
     >>> def init_weights(m):
     ...     if type(m) == nn.Linear:
     ...         nn.init.normal_(m.weight, std=0.01)
-    >>> setup = ln.setup(ln.with_init(nn.Linear, init_weights), loss=nn.MSELoss()).set_hparams(
-    ...     in_features=3, out_features=1)
+    >>> setup = ln.setup(ln.with_init(Net, init_weights), loss=nn.MSELoss()).set_hparams(d_in=300)
+    >>> fitted = setup.fit((torch.randn(8, 300), torch.randn(8, 1)), epochs=1, verbose=False)
+    >>> isinstance(fitted.model, Net), round(float(fitted.model.net[0].weight.detach().std()), 2)  # default: 0.03
+    (True, 0.01)
     """
     if isinstance(module, nn.Module):
         raise LanternaError(
@@ -226,7 +249,11 @@ def with_init(module: type[nn.Module] | Callable[..., nn.Module], init: Callable
     if isinstance(module, type) and issubclass(module, nn.Module):
         def __init__(self: nn.Module, *args: Any, **kwargs: Any) -> None:
             module.__init__(self, *args, **kwargs)
-            self.apply(init)
+            subclass, self.__class__ = self.__class__, module  # init sees the class itself: type(m) == nn.Linear
+            try:
+                self.apply(init)
+            finally:
+                self.__class__ = subclass
 
         return type(module)(module.__name__, (module,), {
             "__init__": __init__, "__module__": module.__module__, "__qualname__": module.__qualname__,

@@ -44,11 +44,14 @@ def plot_history(history: list[dict[str, Any]], metrics: Sequence[str] | None = 
         history: ``fitted.history``, a list of per-epoch dicts with ``train_<name>`` / ``valid_<name>`` keys.
         metrics: the metric names to plot (``["loss", "mae"]``); default all with numeric values.
 
+    >>> from lanterna.plotting import plot_history
     >>> fig = plot_history([{"epoch": 1, "train_loss": 2.0, "valid_loss": 2.5},
     ...                     {"epoch": 2, "train_loss": 1.0, "valid_loss": 1.5}])
     >>> len(fig.axes)
     1
-    >>> fig.savefig("history.png")  # doctest: +SKIP
+    >>> fig.savefig("history.png")
+    >>> import os; os.path.getsize("history.png") > 0
+    True
     """
     plt = _require_matplotlib()
     names: list[str] = []

@@ -16,7 +16,8 @@ from .core.accelerator import Accelerator
 from .core.callback import Callback, Hooks
 from .core.context import Context
 from .core.loop import run_phase
-from .core.step import custom_step, make_forward, make_loss, valid_step
+from .core.step import Stepper
+from .core.world import Local
 from .data import batch_size_of, make_source, split_batch
 from .errors import DataError, LanternaError
 from .metrics.base import split_metric_spec
@@ -31,6 +32,7 @@ class Evaluation:
     """Metrics over a whole data set. ``.metrics`` is ``{"loss": …, "mae": …}``; ``repr`` prints one
     ``name: value`` per line.
 
+    >>> from lanterna.results import Evaluation
     >>> Evaluation({"loss": 0.92712, "mae": 0.7348})
     loss: 0.9271
     mae: 0.7348
@@ -47,9 +49,10 @@ class Evaluation:
 
 
 class Fitted:
-    """A trained model and its history (API.md §3).
+    """A trained model and its history (README.md; saving and export: docs/saving.md).
 
-    >>> import lanterna as ln
+    >>> import lanterna as ln, torch
+    >>> from torch import nn
     >>> x, y = torch.randn(64, 3), torch.randn(64, 1)
     >>> fitted = ln.setup(nn.Linear, loss=nn.MSELoss()).set_hparams(in_features=3, out_features=1).fit(
     ...     (x, y), epochs=1, verbose=False)
@@ -96,19 +99,16 @@ class Fitted:
 
     # ------------------------------------------------------------------ inference
     def _context(self, callbacks: Sequence[Callback] | None, builtin: Sequence[Callback] = ()) -> Context:
-        ctx = Context(model=self.model, forward_model=self.forward_model, accelerator=self.accelerator,
-                      device=self.accelerator.device, loss_fn=self.loss_fn, verbose=False,
-                      optimizers=self.optimizers, history=self.history, setup=self.setup,
-                      custom_step=callable(getattr(self.model, "step", None)))
-        ctx._forward = make_forward(ctx)
-        ctx._compute_loss = make_loss(ctx) if self.loss_fn is not None else None
-        ctx.dist = self.distributed
-        if ctx.dist is not None:
-            ctx.rank, ctx.world_size, ctx.is_main = ctx.dist.rank, ctx.dist.world_size, ctx.dist.is_main
         for cb in callbacks or ():
             if not isinstance(cb, Callback):
                 raise LanternaError(f"callbacks must be ln.Callback instances; got {cb!r}.")
-        ctx.hooks = Hooks([*builtin, *(callbacks or ())])
+        ctx = Context(model=self.model, forward_model=self.forward_model, accelerator=self.accelerator,
+                      device=self.accelerator.device, loss_fn=self.loss_fn, verbose=False,
+                      optimizers=self.optimizers, history=self.history, setup=self.setup,
+                      custom_step=callable(getattr(self.model, "step", None)),
+                      world=self.distributed if self.distributed is not None else Local(),
+                      hooks=Hooks([*builtin, *(callbacks or ())]))
+        ctx.stepper = Stepper(ctx)
         return ctx
 
     def _source(self, data: Any, options: Mapping[str, Any] | None, what: str) -> Any:
@@ -130,8 +130,9 @@ class Fitted:
             callbacks: ``ln.Callback`` objects; they get ``on_predict_begin``, ``on_predict_batch_begin``,
                 ``on_predict_batch_end`` (``ctx.pred`` is the batch's output) and ``on_predict_end``.
 
-        >>> import lanterna as ln
-        >>> Fitted(nn.Linear(3, 1), None, []).predict(torch.zeros(5, 3)).shape
+        >>> import lanterna as ln, torch
+        >>> from torch import nn
+        >>> ln.Fitted(nn.Linear(3, 1), None, []).predict(torch.zeros(5, 3)).shape
         torch.Size([5, 1])
         """
         source = self._source(data, dataloader_options, "prediction data")
@@ -151,7 +152,7 @@ class Fitted:
                     ctx.input, ctx.target = split_batch(batch)
                     ctx.batch_size = batch_size_of(ctx.input)
                     hooks.on_predict_batch_begin(ctx)
-                    ctx.pred = ctx._forward(ctx.input)
+                    ctx.pred = ctx.stepper.forward(ctx.input)
                     hooks.on_predict_batch_end(ctx)
                     outs.append(_to_cpu(ctx.pred, non_blocking, mixed))
             hooks.on_predict_end(ctx)
@@ -180,17 +181,18 @@ class Fitted:
             dataloader_options: options where lanterna builds the loader (``batch_size`` ...).
             callbacks: ``ln.Callback`` objects; they get the ``on_valid_*`` hooks.
 
-        >>> import lanterna as ln
-        >>> x = torch.randn(8, 3)
-        >>> Fitted(nn.Linear(3, 1), None, [], loss_fn=nn.MSELoss()).evaluate((x, torch.zeros(8, 1)))["loss"] >= 0
-        True
+        >>> import lanterna as ln, torch
+        >>> from torch import nn
+        >>> model, x = nn.Linear(3, 1), torch.randn(8, 3)
+        >>> result = ln.Fitted(model, None, [], loss_fn=nn.MSELoss()).evaluate((x, torch.zeros(8, 1)))
+        >>> torch.isclose(torch.tensor(result["loss"]), model(x).detach().pow(2).mean())
+        tensor(True)
         """
         source = self._source(data, dataloader_options, "evaluation data")
         metric_list = self.metrics if metrics is None else metrics
         metrics_cb = MetricsCallback([], split_metric_spec(metric_list)[1])
         ctx = self._context(callbacks, [metrics_cb])
-        ctx.valid_data, ctx.valid_name = source, "test"
-        ctx.valid_step = custom_step if ctx.custom_step else valid_step
+        ctx.valid_data, ctx.valid_name = source, "test"  # the module's own step(ctx) runs, as in validation
         metrics_cb.on_fit_begin(ctx)
         ctx.record = {}
         try:
@@ -227,7 +229,7 @@ class Fitted:
 
         return plot_history(self.history, metrics=metrics)
 
-    # ------------------------------------------------------------------ files (API.md §7)
+    # ------------------------------------------------------------------ files (docs/saving.md)
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Save the weights (safetensors, with a SHA-256 checksum) and metadata (JSON: module import path,
         hparams, opt_hparams, optimizer, loss, metrics, history, versions) to the folder ``path`` (or one
@@ -242,10 +244,14 @@ class Fitted:
         Returns:
             The path written.
 
-        >>> import tempfile
-        >>> path = Fitted(nn.Linear(3, 1), None, []).save(tempfile.mkdtemp() + "/model")
+        >>> import tempfile, lanterna as ln, torch
+        >>> from torch import nn
+        >>> fitted = ln.Fitted(nn.Linear(3, 1), None, [])
+        >>> path = fitted.save(tempfile.mkdtemp() + "/model")
+        >>> torch.equal(ln.load(path, module=nn.Linear(3, 1)).model.weight, fitted.model.weight)
+        True
         """
-        from .io.fitted import save_fitted
+        from .io.fitted import save_fitted  # below this module (lanterna.io imports nothing above it)
 
         return save_fitted(self, path)
 
@@ -255,9 +261,14 @@ class Fitted:
         ``"torchscript"`` or ``"exported_program"`` (``torch.export``). The file is reloaded with the standard
         loader and its outputs compared with the model's on ``example_input``. Returns the path.
 
-        >>> import tempfile
-        >>> p = Fitted(nn.Linear(3, 1), None, []).export(tempfile.mkdtemp() + "/m.pt", torch.randn(2, 3),
-        ...                                            format="torchscript")
+        >>> import tempfile, torch, lanterna as ln
+        >>> from torch import nn
+        >>> model = nn.Linear(3, 1)
+        >>> p = ln.Fitted(model, None, []).export(tempfile.mkdtemp() + "/m.pt2", torch.randn(2, 3),
+        ...                                       format="exported_program")
+        >>> x = torch.randn(4, 3)
+        >>> torch.allclose(torch.export.load(p).module()(x), model(x))
+        True
         """
         from .integrations.export import export
 

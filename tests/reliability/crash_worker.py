@@ -81,7 +81,7 @@ def _park_in_window():
 
         atomic.os = OsProxy()
     else:
-        from lanterna.callbacks.checkpoint import AutoResume
+        from lanterna.callbacks.auto_resume import AutoResume
 
         real_rotate = AutoResume._rotate
 

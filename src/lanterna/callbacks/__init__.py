@@ -1,16 +1,17 @@
-"""Built-in callbacks (API.md §6)."""
+"""Built-in callbacks (docs/callbacks.md)."""
 
 from typing import Any
 
 from ..core.callback import Callback
 from .accumulate import GradientAccumulation
-from .checkpoint import AutoResume, ModelCheckpoint
+from .auto_resume import AutoResume
 from .clip import GradientClip
 from .csv_logger import CSVLogger
 from .early_stopping import EarlyStopping
 from .keep_best import KeepBestModel
 from .lr_scheduler import LRRecorder, LRScheduler
 from .metrics import MetricsCallback
+from .model_checkpoint import ModelCheckpoint
 from .nan import TerminateOnNaN
 from .optuna_pruning import OptunaPruning
 from .progress import LiveProgress, ProgressPrinter

@@ -29,8 +29,15 @@ class GradientAccumulation(Callback):
     ``DDP.no_sync`` does): one all-reduce per optimizer step; where shards end unevenly, the last group of an
     epoch syncs every batch so that all ranks agree.
 
-    >>> import lanterna as ln
-    >>> cb = ln.callbacks.GradientAccumulation(4)   # batch_size=16 trains like batch_size=64
+    >>> import lanterna as ln, torch
+    >>> from torch import nn
+    >>> x, y = torch.randn(64, 3), torch.randn(64, 1)
+    >>> setup = ln.setup(nn.Linear, loss=nn.MSELoss()).set_hparams(in_features=3, out_features=1)
+    >>> acc = setup.fit((x, y), epochs=2, seed=0, verbose=False, dataloader_options={"batch_size": 16},
+    ...                 callbacks=[ln.callbacks.GradientAccumulation(4)])  # batch_size=16 trains like 64
+    >>> big = setup.fit((x, y), epochs=2, seed=0, verbose=False, dataloader_options={"batch_size": 64})
+    >>> torch.allclose(acc.model.weight, big.model.weight, atol=1e-6)
+    True
     """
 
     order = -500  # decide before other batch-begin hooks whether this batch steps
@@ -48,8 +55,8 @@ class GradientAccumulation(Callback):
         return f"GradientAccumulation(n_batches={self.n_batches})"
 
     def on_train_begin(self, ctx: Context) -> None:
-        if ctx.dist is not None:
-            self._common = None if ctx.num_batches is None else ctx.dist.min_int(ctx.num_batches)
+        # the batches every process has this epoch (DDP: uneven shards); one process: all of them
+        self._common = None if ctx.num_batches is None else ctx.world.min_int(ctx.num_batches)
 
     def on_train_batch_begin(self, ctx: Context) -> None:
         i = ctx.iter - 1
@@ -59,17 +66,16 @@ class GradientAccumulation(Callback):
         ctx.accumulating = i - start + 1 < size
         self._in_group = i - start + 1
         self._scale = 1.0 / size
-        if ctx.dist is not None:  # skip the all-reduce only inside groups that are whole on every rank
-            ctx.dist.set_grad_sync(not (ctx.accumulating and self._common is not None
-                                        and start + self.n_batches <= self._common))
+        # DDP: skip the gradient all-reduce only inside groups that are whole on every rank (nothing locally)
+        ctx.world.set_grad_sync(not (ctx.accumulating and self._common is not None
+                                     and start + self.n_batches <= self._common))
 
     def on_train_batch_before_backward(self, ctx: Context) -> None:
         if self._scale != 1.0:
             ctx.backward_loss = ctx.backward_loss * self._scale
 
     def on_train_end(self, ctx: Context) -> None:
-        if ctx.dist is not None:
-            ctx.dist.set_grad_sync(True)
+        ctx.world.set_grad_sync(True)
         if ctx.accumulating:  # data of unknown length ended inside a group: step on what was accumulated
             ctx.accumulating = False
             k = self._in_group

@@ -28,8 +28,17 @@ class GradientClip(Callback):
         max_norm: the largest total gradient norm allowed (a finite number > 0).
         norm_type: the p of the p-norm (``2``, ``1``, ``float("inf")`` or ``"inf"``).
 
-    >>> import lanterna as ln
-    >>> cb = ln.callbacks.GradientClip(max_norm=1.0)
+    >>> import lanterna as ln, torch
+    >>> from torch import nn
+    >>> x, y = torch.randn(64, 3), 100 * torch.randn(64, 1)  # large gradients
+    >>> model = nn.Linear(3, 1)
+    >>> before = torch.cat([p.detach().flatten() for p in model.parameters()])
+    >>> fitted = (ln.setup(model, loss=nn.MSELoss(), optimizer=torch.optim.SGD).set_opt_hparams(lr=1.0)
+    ...           .fit((x, y), epochs=1, verbose=False, dataloader_options={"batch_size": 64},
+    ...                callbacks=[ln.callbacks.GradientClip(max_norm=1.0)]))
+    >>> after = torch.cat([p.detach().flatten() for p in fitted.model.parameters()])
+    >>> round(float((after - before).norm()), 4)  # one SGD step of lr 1 along a gradient of norm 1
+    1.0
     """
 
     order = 100
@@ -54,7 +63,7 @@ class GradientClip(Callback):
                         for key, group in self._opts.items()}
 
     def on_train_batch_before_step(self, ctx: Context) -> None:
-        key = getattr(ctx, "current_opt", None)
+        key = ctx.current_opt
         if ctx.scaler is not None:
             for opt in self._opts[key]:
                 # RuntimeError: already unscaled for this step (by the user or another callback)

@@ -32,8 +32,14 @@ class CSVLogger(Callback):
         path: the CSV file; its folder is created.
         separator: the field delimiter.
 
-    >>> import lanterna as ln
-    >>> cb = ln.callbacks.CSVLogger("logs/history.csv")
+    >>> import lanterna as ln, torch
+    >>> from torch import nn
+    >>> x, y = torch.randn(64, 3), torch.randn(64, 1)
+    >>> setup = ln.setup(nn.Linear, loss=nn.MSELoss()).set_hparams(in_features=3, out_features=1)
+    >>> fitted = setup.fit((x, y), epochs=2, verbose=False, callbacks=[ln.callbacks.CSVLogger("logs/history.csv")])
+    >>> lines = open("logs/history.csv").read().splitlines()
+    >>> lines[0], len(lines)
+    ('epoch,lr,train_loss,epoch_time', 3)
     """
 
     order = 600
@@ -50,11 +56,11 @@ class CSVLogger(Callback):
 
     def on_fit_begin(self, ctx: Context) -> None:
         self._fields = None  # decided at the first epoch end, when a resume has restored start_epoch
-        if getattr(ctx, "is_main", True):
+        if ctx.is_main:
             self._check_writable()
 
     def on_epoch_end(self, ctx: Context) -> None:
-        if not getattr(ctx, "is_main", True):
+        if not ctx.is_main:
             return
         record = ctx.history[-1]
         if self._fields is None:
@@ -101,7 +107,7 @@ class CSVLogger(Callback):
 
     def _start(self, ctx: Context) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        start = int(getattr(ctx, "start_epoch", 0) or 0)
+        start = ctx.start_epoch
         if start > 0 and self.path.exists():
             with self.path.open(newline="", encoding="utf-8") as f:
                 reader = csv.DictReader(f, delimiter=self.separator)

@@ -34,10 +34,16 @@ class EarlyStopping(Callback):
             known (a ``ctx.log`` value) needs ``"min"`` or ``"max"``.
         baseline: a value the monitor must beat; epochs that do not beat it count as not improving.
 
-    >>> import lanterna as ln
+    >>> import lanterna as ln, torch
+    >>> from torch import nn
     >>> cb = ln.callbacks.EarlyStopping(monitor="valid_loss", patience=10)
     >>> cb.mode
     'min'
+    >>> x, y = torch.randn(64, 3), torch.randn(64, 1)
+    >>> setup = ln.setup(nn.Linear, loss=nn.MSELoss()).set_hparams(in_features=3, out_features=1)
+    >>> stop = ln.callbacks.EarlyStopping(monitor="train_loss", min_delta=100.0, patience=2)  # nothing improves
+    >>> len(setup.fit((x, y), epochs=50, verbose=False, callbacks=[stop]).history)  # epoch 1 is the best
+    3
     """
 
     order = 1000
@@ -76,8 +82,7 @@ class EarlyStopping(Callback):
 
     def on_fit_begin(self, ctx: Context) -> None:
         self.monitor.check_known(ctx)
-        if getattr(ctx, "start_epoch", 0) == 0:  # a fresh fit; on resume load_state_dict restored the state
-            self._reset()
+        self._reset()  # on resume AutoResume (which runs after this) puts the saved state back
 
     def on_epoch_end(self, ctx: Context) -> None:
         if self.monitor.improves(self.monitor.value(ctx)):
@@ -94,7 +99,7 @@ class EarlyStopping(Callback):
         # callback asked for the stop and patience has not run out.
         if self.wait >= max(self.patience, 1):
             self.stopped_epoch = ctx.epoch
-            if ctx.verbose and getattr(ctx, "is_main", True):
+            if ctx.verbose and ctx.is_main:
                 print(f"Early stopping at epoch {ctx.epoch} of {ctx.max_epochs}", flush=True)
 
     def state_dict(self) -> dict[str, Any]:

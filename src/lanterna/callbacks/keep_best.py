@@ -31,8 +31,14 @@ class KeepBestModel(Callback):
         mode: ``"min"``, ``"max"`` or ``"auto"`` (maximise accuracy/AUROC-like metrics, minimise the rest).
         min_delta: the smallest change that counts as an improvement.
 
-    >>> import lanterna as ln
+    >>> import lanterna as ln, torch
+    >>> from torch import nn
+    >>> x, y = torch.randn(64, 3), torch.randn(64, 1)
+    >>> setup = ln.setup(nn.Linear, loss=nn.MSELoss()).set_hparams(in_features=3, out_features=1)
     >>> cb = ln.callbacks.KeepBestModel(monitor="valid_loss")
+    >>> fitted = setup.fit((x, y), epochs=5, valid_data=0.25, verbose=False, callbacks=[cb])
+    >>> cb.best == min(h["valid_loss"] for h in fitted.history)
+    True
     """
 
     order = 700
@@ -49,8 +55,8 @@ class KeepBestModel(Callback):
 
     def on_fit_begin(self, ctx: Context) -> None:
         self.monitor.check_known(ctx)
-        if getattr(ctx, "start_epoch", 0) == 0:  # a fresh fit; on resume load_state_dict restored the copy
-            self.monitor.best, self.best_epoch, self.best_state = None, 0, None
+        # a fresh start; a resume (AutoResume runs after every other callback) then loads the saved copy
+        self.monitor.best, self.best_epoch, self.best_state = None, 0, None
 
     def on_epoch_end(self, ctx: Context) -> None:
         if self.monitor.improves(self.monitor.value(ctx)):
@@ -61,7 +67,7 @@ class KeepBestModel(Callback):
         if self.best_state is not None and ctx.status != "failed":
             ctx.model.load_state_dict(self.best_state)
             return
-        if ctx.epoch <= getattr(ctx, "start_epoch", 0):
+        if ctx.epoch <= ctx.start_epoch:
             return  # fit ended before its first epoch (an error in on_fit_begin): nothing was trained
         if self.best_state is None:
             done = [r for r in ctx.history if self.monitor.name in r]

@@ -40,8 +40,12 @@ class LRRecorder(Callback):
     (order 900, after every ``on_epoch_begin`` / ``on_train_begin`` that may change it).
     With a per-batch schedule (OneCycleLR) it is the rate of the epoch's first batch.
 
-    >>> import lanterna as ln
-    >>> cb = ln.callbacks.LRRecorder()
+    >>> import lanterna as ln, torch
+    >>> from torch import nn
+    >>> x, y = torch.randn(64, 3), torch.randn(64, 1)
+    >>> setup = ln.setup(nn.Linear, loss=nn.MSELoss()).set_hparams(in_features=3, out_features=1)
+    >>> [h["lr"] for h in setup.set_opt_hparams(lr=0.01).fit((x, y), epochs=2, verbose=False).history]
+    [0.01, 0.01]
     """
 
     order = 900
@@ -71,9 +75,14 @@ class LRScheduler(Callback):
         opt_name: which optimizer, when the module's ``set_optimizers`` returns several.
         **kwargs: the scheduler's arguments (``gamma=0.9``, ``max_lr=0.1`` ...).
 
-    >>> import lanterna as ln
-    >>> import torch
+    >>> import lanterna as ln, torch
+    >>> from torch import nn
+    >>> x, y = torch.randn(64, 3), torch.randn(64, 1)
+    >>> setup = ln.setup(nn.Linear, loss=nn.MSELoss()).set_hparams(in_features=3, out_features=1)
     >>> cb = ln.callbacks.LRScheduler(torch.optim.lr_scheduler.ExponentialLR, gamma=0.9)
+    >>> fitted = setup.set_opt_hparams(lr=0.1).fit((x, y), epochs=3, verbose=False, callbacks=[cb])
+    >>> [round(h["lr"], 4) for h in fitted.history]
+    [0.1, 0.09, 0.081]
     """
 
     order = 500
@@ -196,7 +205,7 @@ def _steps_per_epoch(ctx: Context, n_batches: int) -> int:
     """Optimizer steps per epoch: one per batch, or one per group under GradientAccumulation."""
     from .accumulate import GradientAccumulation
 
-    hooks = getattr(ctx, "hooks", None)
+    hooks = ctx.hooks
     for cb in getattr(hooks, "callbacks", ()):
         if isinstance(cb, GradientAccumulation):
             return math.ceil(n_batches / cb.n_batches)
@@ -211,7 +220,7 @@ class _PerBatchLRScheduler(LRScheduler):
     """:class:`LRScheduler` with ``call_on="on_train_batch_end"``: one scheduler step per training batch."""
 
     def on_train_batch_end(self, ctx: Context) -> None:
-        if not getattr(ctx, "accumulating", False):  # GradientAccumulation deferred the optimizer step
+        if not ctx.accumulating:  # GradientAccumulation deferred the optimizer step
             self.scheduler.step()
 
     on_epoch_end = Callback.on_epoch_end  # the base no-op: nothing to do per epoch

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from ..core.callback import Callback
 from ..core.context import Context
+from ..core.world import Local
 from ..errors import LanternaError
 from ..metrics import metric_display, unique_names
 from ..metrics.base import LanternaMetric, entry_key
@@ -83,11 +84,11 @@ class MetricsCallback(Callback):
         names = {"loss": "Loss"}
         for pairs in self.sets.values():
             names.update({k: metric_display(m, k) for k, m in pairs})
-        ctx.display_names = {**getattr(ctx, "display_names", {}), **names}
+        ctx.display_names = {**ctx.display_names, **names}
         ctx.metrics = {s: [m for _, m in pairs] for s, pairs in self.sets.items()}
         ctx.metric_names = {s: [k for k, _ in pairs] for s, pairs in self.sets.items()}
         # CUDA graphs (compile mode "reduce-overhead") overwrite a step's outputs at the next step: no buffering
-        acc = getattr(ctx, "accelerator", None)
+        acc = ctx.accelerator
         self._buffer = not (device.type == "cuda" and getattr(acc, "compile", False))
 
     def _begin(self, ctx: Context) -> None:
@@ -97,6 +98,7 @@ class MetricsCallback(Callback):
         self._loss_sum = torch.zeros((), dtype=torch.float64 if ctx.device.type != "mps" else torch.float32,
                                      device=ctx.device)
         self._has_loss = False
+        self._saw_target = False
         self._count = 0
         # loss weights: batch sizes (Python ints) or, when the step sets ctx.loss_weight, device tensors
         self._weighted = False
@@ -136,6 +138,7 @@ class MetricsCallback(Callback):
             if len(self._losses) >= FLUSH_BATCHES:
                 self._flush_losses()
         if self._active and ctx.target is not None:
+            self._saw_target = True
             if self._direct:
                 self._first_batch(ctx)
                 return
@@ -281,18 +284,19 @@ class MetricsCallback(Callback):
     def _end(self, ctx: Context) -> None:
         self.flush(ctx.iter)
         loss_sum, count, logs = self._loss_sum, self._count, ctx.pop_logs()
-        denominator, weighted = self._loss_denominator(count), self._weighted
-        if ctx.dist is not None:  # exact global values: reduce sums and counts, never means
-            loss_sum, denominator, count, weighted, logs = _reduce(ctx, loss_sum, denominator, count, weighted, logs)
+        denominator = self._loss_denominator(count)
+        flags = (self._weighted, self._has_loss, self._saw_target)
+        # exact global values: sums and counts reduced over the processes (ctx.world), never means
+        loss_sum, denominator, count, (weighted, has_loss, saw_target), logs = _reduce(
+            ctx.world, loss_sum, denominator, count, flags, logs)
         if not weighted:
             denominator = max(count, 1)
         names: list[str] = []
         values: list[Any] = []
-        has_loss = self._has_loss if ctx.dist is None else (count > 0 and ctx.loss_fn is not None)
         if has_loss:
             names.append("loss")
             values.append(loss_sum / denominator)
-        if self._active and (ctx.target is not None or ctx.dist is not None):
+        if self._active and saw_target:  # every process computes (metrics reduce their states themselves)
             for key, m in self._active:
                 try:
                     value = m.compute()  # metrics reduce their states across ranks themselves
@@ -387,20 +391,22 @@ def _local_compute(m: Any) -> Any:
                 mod._computed = None  # never serve this local value as the epoch's (global) one
 
 
-def _reduce(ctx: Context, loss_sum: Tensor, denominator: Tensor | int, count: int, weighted: bool,
-            logs: dict[str, Any]) -> tuple[Tensor, Tensor, int, bool, dict[str, Any]]:
-    """Sum the loss, its weights, the sample count, the ranks whose losses are weighted by ctx.loss_weight and
-    the logged sums/weights over all ranks, in one all-reduce."""
+def _reduce(world: Local, loss_sum: Tensor, denominator: Tensor | int, count: int, flags: tuple[bool, ...],
+            logs: dict[str, Any]) -> tuple[Tensor, Tensor, int, tuple[bool, ...], dict[str, Any]]:
+    """Sum the loss, its weights, the sample count, the flags (true on any process: losses weighted by
+    ctx.loss_weight, a loss seen, a target seen) and the logged sums/weights over the processes, in one
+    all-reduce (one process: they are what they are)."""
     dtype, device = loss_sum.dtype, loss_sum.device
     parts = [loss_sum.reshape(1), torch.as_tensor(denominator, dtype=dtype, device=device).reshape(1),
-             torch.tensor([float(count), float(weighted)], dtype=dtype, device=device)]
+             torch.tensor([float(count), *map(float, flags)], dtype=dtype, device=device)]
     for total, weight in logs.values():
         parts.append(torch.as_tensor(total, dtype=dtype, device=device).reshape(1))
         parts.append(torch.tensor([float(weight)], dtype=dtype, device=device))
-    vec = ctx.dist.all_reduce_sum(torch.cat(parts))
-    reduced = {k: (vec[4 + 2 * i], float(vec[5 + 2 * i])) for i, k in enumerate(logs)}
-    counts = vec[2:4].tolist()
-    return vec[0], vec[1], int(counts[0]), counts[1] > 0, reduced
+    vec = world.all_reduce_sum(torch.cat(parts))
+    head = 3 + len(flags)
+    reduced = {k: (vec[head + 2 * i], float(vec[head + 1 + 2 * i])) for i, k in enumerate(logs)}
+    counts = vec[2:head].tolist()
+    return vec[0], vec[1], int(counts[0]), tuple(c > 0 for c in counts[1:]), reduced
 
 
 def _to_python(values: list[Any]) -> list[Any]:

@@ -55,7 +55,7 @@ def _metric_pairs(metrics: Any) -> dict[str, list[tuple[str, Any]]]:
 
 
 def _ctx_pairs(ctx: Context) -> dict[str, list[tuple[str, Any]]]:
-    metrics, names = getattr(ctx, "metrics", {}) or {}, getattr(ctx, "metric_names", {}) or {}
+    metrics, names = ctx.metrics or {}, ctx.metric_names or {}
     return {s: list(zip(names.get(s, []), metrics.get(s, []))) for s in _running_sets(ctx)}
 
 
@@ -127,6 +127,7 @@ def resolve_mode(monitor: str, mode: str, metrics: Any = None) -> str:
         MonitorError: a bad ``mode``, or ``"auto"`` for a name whose direction cannot be known.
 
     >>> import lanterna as ln
+    >>> from lanterna.callbacks.monitor import resolve_mode
     >>> resolve_mode("valid_acc", "auto", [ln.metrics.Accuracy()]), resolve_mode("valid_loss", "auto")
     ('max', 'min')
     """
@@ -143,8 +144,10 @@ def finite_number(value: Any, name: str) -> float:
     """``float(value)`` for a real, finite number (a one-element tensor too); a clear error naming ``name``
     otherwise (a string, a bool, None, NaN).
 
-    >>> finite_number(0.5, "min_delta")
-    0.5
+    >>> import torch
+    >>> from lanterna.callbacks.monitor import finite_number
+    >>> finite_number(0.5, "min_delta"), finite_number(torch.tensor([2.0]), "min_delta")
+    (0.5, 2.0)
     """
     try:
         if isinstance(value, (bool, str, bytes)) or value is None:
@@ -161,9 +164,10 @@ class Monitor:
     """Tracks the best value of one history key. With ``mode="auto"`` the direction is resolved in
     :meth:`check_known` (at fit begin, from the fit's metrics), except for ``*_loss`` names (minimised).
 
-    >>> m = Monitor("valid_loss", "auto", min_delta=0.0)
-    >>> m.improves(1.0), m.improves(0.5)
-    (True, True)
+    >>> from lanterna.callbacks.monitor import Monitor
+    >>> m = Monitor("valid_loss", "auto", min_delta=0.1)
+    >>> m.improves(1.0), m.improves(0.95), m.improves(0.5), m.best
+    (True, False, True, 0.5)
     """
 
     def __init__(self, monitor: str, mode: str = "auto", min_delta: float = 0.0) -> None:
@@ -183,7 +187,7 @@ class Monitor:
         from the metric behind the name (``fallback_mode`` when its direction cannot be known, else an error)."""
         pairs = _ctx_pairs(ctx)
         known = available_monitors(ctx)
-        if not (self.name in known or _find(self.name, pairs) is not None or getattr(ctx, "custom_step", False)):
+        if not (self.name in known or _find(self.name, pairs) is not None or ctx.custom_step):
             # names only a custom step's ctx.log creates are checked after the first epoch
             raise MonitorError(
                 f"Unknown monitor {self.name!r}. Available: {', '.join(known) or '(none)'}"
@@ -219,9 +223,3 @@ class Monitor:
             self.best = value
             return True
         return False
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.best = state.get("best")

@@ -31,8 +31,18 @@ class TerminateOnNaN(Callback):
         enabled: False turns both checks off.
         check_gradients: False turns the gradient check off (it reads every gradient once per optimizer step).
 
-    >>> import lanterna as ln
-    >>> cb = ln.callbacks.TerminateOnNaN(enabled=False)
+    >>> import lanterna as ln, torch
+    >>> from torch import nn
+    >>> x, y = torch.randn(64, 3), torch.randn(64, 1)
+    >>> setup = ln.setup(nn.Linear, loss=nn.MSELoss()).set_hparams(in_features=3, out_features=1)
+    >>> setup.fit((x, y * float("nan")), epochs=1, verbose=False)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    lanterna.errors.NonFiniteLossError: The training loss is NaN at epoch 1, batch 1; ...
+    >>> fitted = setup.fit((x, y * float("nan")), epochs=1, verbose=False,
+    ...                    callbacks=[ln.callbacks.TerminateOnNaN(enabled=False)])
+    >>> fitted.history[0]["train_loss"]
+    nan
     """
 
     order = -1000
@@ -78,7 +88,7 @@ class TerminateOnNaN(Callback):
     def on_train_batch_before_step(self, ctx: Context) -> None:
         if not (self.enabled and self.check_gradients) or ctx.scaler is not None:
             return
-        params, on_cpu = self._params_of(ctx, getattr(ctx, "current_opt", None))
+        params, on_cpu = self._params_of(ctx, ctx.current_opt)
         grads = [p.grad for p in params if p.grad is not None]
         if not grads:
             return

@@ -65,7 +65,7 @@ class ProgressPrinter(Callback):
         print(f"Epoch {ctx.epoch}/{ctx.max_epochs}", flush=True)
 
     def on_epoch_end(self, ctx: Context) -> None:
-        display = getattr(ctx, "display_names", {})
+        display = ctx.display_names
         sets = ["train"] + ([ctx.valid_name] if ctx.valid_data is not None else [])
         lines = [metrics_line(ctx.record, s, display) for s in sets]
         print("\n".join(line for line in lines if line), flush=True)

@@ -1,4 +1,4 @@
-"""Devices, precision and compilation (API.md §8)."""
+"""Devices, precision and compilation (README.md "Devices"; compilation: docs/saving.md "Compile")."""
 
 from __future__ import annotations
 
@@ -82,7 +82,8 @@ def _checked_device(spec: Any) -> torch.device:
 class Accelerator:
     """Where and how the model runs.
 
-    >>> acc = Accelerator(device="cpu", precision="bf16-mixed")
+    >>> import lanterna as ln
+    >>> acc = ln.Accelerator(device="cpu", precision="bf16-mixed")
     >>> acc.device
     device(type='cpu')
 

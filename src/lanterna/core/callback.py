@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CallbackError, LanternaError
-from .events import HOOKS, StopTraining
+from .events import HOOKS, FitDecision
 
 if TYPE_CHECKING:
     from .context import Context
@@ -43,10 +43,16 @@ class Callback:
     (and among themselves by ``order``).
     A callback with state implements ``state_dict()`` / ``load_state_dict()`` and checkpoints store it.
 
-    >>> import lanterna as ln
+    >>> import lanterna as ln, torch
+    >>> from torch import nn
     >>> class PrintLoss(ln.Callback):
     ...     def on_epoch_end(self, ctx):
     ...         print(ctx.epoch, ctx.history[-1]["train_loss"])
+    >>> setup = ln.setup(nn.Linear, loss=nn.MSELoss()).set_hparams(in_features=3, out_features=1)
+    >>> fitted = setup.fit((torch.randn(64, 3), torch.randn(64, 1)), epochs=2, verbose=False,
+    ...                    callbacks=[PrintLoss()])  # doctest: +ELLIPSIS
+    1 ...
+    2 ...
     """
 
     order: int = 0
@@ -70,8 +76,8 @@ for _hook in HOOKS:
     setattr(Callback, _hook, _noop)
 
 
-# Exceptions that carry a decision (stop, prune, interrupt) pass through callbacks unchanged.
-_PASS_THROUGH = (StopTraining, LanternaError, KeyboardInterrupt, SystemExit)
+# Exceptions that carry a decision (stop, prune, interrupt) or a clear error pass through callbacks unchanged.
+_PASS_THROUGH = (FitDecision, LanternaError, KeyboardInterrupt, SystemExit)
 
 
 def _guarded(cb: Callback, hook: str, fn: Callable[[Context], None]) -> Callable[[Context], None]:
@@ -83,8 +89,6 @@ def _guarded(cb: Callback, hook: str, fn: Callable[[Context], None]) -> Callable
         except _PASS_THROUGH:
             raise
         except Exception as e:
-            if type(e).__name__ == "TrialPruned":  # optuna's decision, not a failure
-                raise
             raise CallbackError(f"Callback {name} raised in {hook}: {type(e).__name__}: {e}") from e
 
     return call

@@ -1,4 +1,4 @@
-"""First-batch checks: clear errors instead of tracebacks from deep inside torch (API.md §2)."""
+"""First-batch checks: clear errors instead of tracebacks from deep inside torch (docs/models.md, "Data forms")."""
 
 from __future__ import annotations
 
@@ -278,9 +278,9 @@ def check_first_batch(ctx: Any, source: Any) -> None:
     model.eval()
     try:
         with torch.no_grad():
-            pred = ctx._forward(inputs)
+            pred = ctx.stepper.forward(inputs)
             if ctx.loss_fn is not None and target is not None:
-                ctx._compute_loss(pred, target)
+                ctx.stepper.loss(pred, target)
     finally:
         ctx.training = training
         model.train(mode)

@@ -1,8 +1,14 @@
-"""The ``ctx`` object: the single channel between the loop and callbacks (luz's context)."""
+"""The ``ctx`` object: the state a fit shares with its callbacks (luz's context).
+
+``Context`` holds declared state only; behaviour lives in the objects that own it: the batch's step in
+:class:`~lanterna.core.step.Stepper` (``ctx.backward`` / ``ctx.step_optimizer`` delegate to it), the processes in
+``ctx.world`` (:mod:`lanterna.core.world`), the epoch's values in the metrics callback.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -11,82 +17,107 @@ from torch import Tensor, nn
 
 from ..errors import LanternaError
 from .events import StopTraining
+from .world import Local
 
 __all__ = ["Context"]
 
-_BASE_ZERO_GRAD = torch.optim.Optimizer.zero_grad
 
-
-def _zero_grad(opt: torch.optim.Optimizer) -> None:
-    """``opt.zero_grad(set_to_none=True)``. For optimizers that keep torch's implementation, the same loop
-    without its profiler range, which costs ~10 µs a step on CPU — as much as a small model's step."""
-    if type(opt).zero_grad is not _BASE_ZERO_GRAD or torch.autograd.profiler._is_profiler_enabled:
-        opt.zero_grad(set_to_none=True)
-        return
-    for group in opt.param_groups:
-        for p in group["params"]:
-            p.grad = None
-
-
+@dataclasses.dataclass(eq=False)
 class Context:
-    """Everything a callback may read or change during fit (API.md §6).
+    """Everything a callback may read or change during fit (docs/callbacks.md, "What ctx carries").
 
-    Fields: ``model, optimizers, opt, loss_fn, input, target, pred, loss, epoch, max_epochs, min_epochs,
-    iter, training, device, metrics, history, record`` (the current epoch's history entry), ``step``
-    (global optimizer step count), ``batch_size``, ``schedulers``, ``scaler``, ``stop_training``.
+    Fields, by group:
 
-    >>> import lanterna as ln
+    - what is trained: ``model, optimizers`` (``opt`` when there is one), ``schedulers, scaler, loss_fn,
+      accelerator, device, setup, custom_step`` (the module has its own ``step(ctx)``);
+    - data and bounds: ``train_data, valid_data, valid_name, min_epochs, max_epochs, start_epoch, num_batches``;
+    - where the loop is: ``epoch`` (1-based), ``iter`` (1-based in the phase), ``step`` (optimizer steps so far),
+      ``training, set_name, status, stop_training, interrupted, accumulating, current_opt``;
+    - the batch: ``batch, input, target, pred, loss, loss_weight, backward_loss, batch_size``;
+    - what is recorded: ``metrics, metric_names, display_names, history, record`` (the current epoch's entry),
+      ``verbose, hooks``; the processes: ``world`` (``rank, world_size, is_main``; ``dist`` under torchrun).
+
+    >>> import lanterna as ln, torch
+    >>> from torch import nn
+    >>> from lanterna.core.context import Context
     >>> class LogGradNorm(ln.Callback):
     ...     def on_train_batch_before_step(self, ctx):
     ...         norms = [p.grad.norm() for p in ctx.model.parameters() if p.grad is not None]
     ...         ctx.log("grad_norm", torch.stack(norms).norm())
+    >>> setup = ln.setup(nn.Linear, loss=nn.MSELoss()).set_hparams(in_features=3, out_features=1)
+    >>> fitted = setup.fit((torch.randn(64, 3), torch.randn(64, 1)), epochs=1, verbose=False,
+    ...                    callbacks=[LogGradNorm()])
+    >>> fitted.history[0]["train_grad_norm"] > 0
+    True
+    >>> Context(device=torch.device("cpu")).epoch
+    0
     """
 
-    def __init__(self, **fields: Any) -> None:
-        self.model: nn.Module | None = None
-        self.forward_model: Callable[..., Any] | None = None  # compiled / DDP-wrapped model, when any
-        self.optimizers: dict[str, torch.optim.Optimizer] = {}
-        self.schedulers: list[Any] = []
-        self.scaler: Any = None
-        self.loss_fn: Callable[..., Tensor] | None = None
-        self.accelerator: Any = None
-        self.device = torch.device("cpu")
-        self.metrics: dict[str, list[Any]] = {"train": [], "valid": []}
-        self.metric_names: dict[str, list[str]] = {"train": [], "valid": []}
-        self.display_names: dict[str, str] = {}
-        self.custom_step = False
-        self.history: list[dict[str, Any]] = []
-        self.record: dict[str, Any] = {}
-        self.batch: Any = None
-        self.input: Any = None
-        self.target: Any = None
-        self.pred: Any = None
-        self.loss: Tensor | None = None
-        # the denominator of the batch's mean loss when it is not the batch size (a 0-dim tensor on the device:
-        # Σ class weights of the targets for CrossEntropyLoss(weight=...), the non-ignored count for ignore_index)
-        self.loss_weight: Tensor | None = None
-        self.batch_size = 0
-        self.epoch = 0
-        self.max_epochs = 0
-        self.min_epochs = 0
-        self.iter = 0
-        self.step = 0
-        self.training = False
-        self.set_name = "train"
-        self.stop_training = False
-        self.accumulating = False  # True on batches whose optimizer step GradientAccumulation defers
-        self.interrupted = False
-        self.status = "running"
-        self.num_batches: int | None = None
-        self.train_data: Any = None
-        self.valid_data: Any = None
-        self.hooks: Any = None
-        self.verbose = True
-        self.dist: Any = None  # integrations.distributed.Distributed under torchrun, else None
-        self.rank, self.world_size, self.is_main = 0, 1, True
-        self._logs: dict[str, list[Any]] = {}
-        for k, v in fields.items():
-            setattr(self, k, v)
+    # ------------------------------------------------------------------ what is trained
+    model: nn.Module | None = None
+    forward_model: Callable[..., Any] | None = None  # the compiled / DDP-wrapped model that trains, when any
+    eval_forward_model: Callable[..., Any] | None = None  # what validates (DDP: the bare module)
+    optimizers: dict[str, torch.optim.Optimizer] = dataclasses.field(default_factory=dict)
+    schedulers: list[Any] = dataclasses.field(default_factory=list)
+    scaler: Any = None  # torch.amp.GradScaler under precision="16-mixed"
+    loss_fn: Callable[..., Tensor] | None = None  # a callback may replace it; the next loss uses it
+    accelerator: Any = None
+    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+    setup: Any = None  # the ln.Setup being fitted (None for a loaded model's predict / evaluate)
+    custom_step: bool = False
+    # ------------------------------------------------------------------ data and bounds
+    train_data: Any = None  # batch sources (lanterna.data)
+    valid_data: Any = None
+    valid_name: str = "valid"  # "test" in evaluate
+    min_epochs: int = 0
+    max_epochs: int = 0
+    start_epoch: int = 0  # > 0 when resumed
+    num_batches: int | None = None  # of the phase under way; None when unknown
+    # ------------------------------------------------------------------ where the loop is
+    epoch: int = 0
+    iter: int = 0
+    step: int = 0
+    training: bool = False
+    set_name: str = "train"
+    status: str = "running"  # "completed", "stopped_early", "stopped", "interrupted", "failed"
+    stop_training: bool = False  # set by a callback: stop after this epoch (never before min_epochs)
+    interrupted: bool = False  # Ctrl-C: stop after this batch
+    accumulating: bool = False  # this batch's optimizer step is deferred (GradientAccumulation)
+    current_opt: str | None = None  # the optimizer ctx.step_optimizer is stepping (None: all)
+    # ------------------------------------------------------------------ the batch
+    batch: Any = None
+    input: Any = None
+    target: Any = None
+    pred: Any = None
+    loss: Tensor | None = None
+    # the denominator of the batch's mean loss when it is not the batch size (a 0-dim tensor on the device:
+    # Σ class weights of the targets for CrossEntropyLoss(weight=...), the non-ignored count for ignore_index)
+    loss_weight: Tensor | None = None
+    backward_loss: Tensor | None = None  # what ctx.backward differentiates; a callback may rescale it
+    batch_size: int = 0
+    # ------------------------------------------------------------------ what is recorded
+    metrics: dict[str, list[Any]] = dataclasses.field(default_factory=lambda: {"train": [], "valid": []})
+    metric_names: dict[str, list[str]] = dataclasses.field(default_factory=lambda: {"train": [], "valid": []})
+    display_names: dict[str, str] = dataclasses.field(default_factory=dict)
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    record: dict[str, Any] = dataclasses.field(default_factory=dict)
+    verbose: bool = True
+    hooks: Any = None  # core.callback.Hooks
+    # ------------------------------------------------------------------ the processes
+    world: Local = dataclasses.field(default_factory=Local)
+    rank: int = -1  # -1: taken from the world
+    world_size: int = -1
+    is_main: bool | None = None
+    stepper: Any = dataclasses.field(default=None, repr=False)  # core.step.Stepper: the batch's mechanics
+    _logs: dict[str, list[Any]] = dataclasses.field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.rank < 0:
+            self.rank = self.world.rank
+        if self.world_size < 0:
+            self.world_size = self.world.world_size
+        if self.is_main is None:
+            self.is_main = self.world.is_main
 
     # ------------------------------------------------------------------ conveniences
     @property
@@ -100,6 +131,12 @@ class Context:
             f"ctx.opt: there are several optimizers {list(self.optimizers)}; use ctx.optimizers[name]."
         )
 
+    @property
+    def dist(self) -> Any:
+        """The distributed world under torchrun (``integrations.distributed.Distributed``), else None."""
+        return self.world if self.world.distributed else None
+
+    # ------------------------------------------------------------------ ctx.log
     def log(self, name: str, value: Tensor | float) -> None:
         """Record a scalar for this batch; its epoch mean (weighted by batch size) lands in history as
         ``<set>_<name>`` and is printed and logged like any metric."""
@@ -128,56 +165,37 @@ class Context:
         self._logs = {}
         return out
 
+    def logs_state(self) -> dict[str, list[Any]]:
+        """The ``ctx.log`` sums of the phase under way, ``name -> [weighted sum, weight]`` (a mid-epoch
+        checkpoint stores them)."""
+        return {name: list(slot) for name, slot in self._logs.items()}
+
+    def load_logs_state(self, state: dict[str, list[Any]]) -> None:
+        """Put back :meth:`logs_state` (tensors moved to ``ctx.device``)."""
+        self._logs = {name: [v.to(self.device) if isinstance(v, Tensor) else v, w] for name, (v, w) in state.items()}
+
     def phase_context(self, training: bool) -> contextlib.AbstractContextManager[Any]:
         """Context around a phase's batches (DDP's join() for uneven shards; nothing otherwise)."""
-        return self.dist.phase_context(training) if self.dist is not None else contextlib.nullcontext()
+        return self.world.phase_context(training)
 
-    # ------------------------------------------------------------------ for custom steps
+    # ------------------------------------------------------------------ for custom steps (the Stepper does it)
     def forward(self, inputs: Any) -> Any:
         """Run the model on a batch input (autocast applied per the accelerator's precision)."""
-        return self._forward(inputs)
+        return self.stepper.forward(inputs)
 
     def backward(self, loss: Tensor) -> None:
         """Backward pass (scaled under 16-bit mixed precision); fires ``on_train_batch_before_backward``."""
-        self.backward_loss = loss
-        self.hooks.on_train_batch_before_backward(self)
-        loss = self.backward_loss  # a callback may rescale it (GradientAccumulation)
-        self._did_backward = True
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-        else:
-            loss.backward()
+        self.stepper.backward(loss)
 
     def step_optimizer(self, name: str | None = None) -> None:
-        """Step one optimizer (all when ``name`` is None) and zero its gradients;
-        fires ``on_train_batch_before_step`` / ``on_train_batch_after_step``. While ``ctx.accumulating``
+        """Step one optimizer (all when ``name`` is None) and zero its gradients; fires
+        ``on_train_batch_before_step`` / ``on_train_batch_after_step``. While ``ctx.accumulating``
         (GradientAccumulation between optimizer steps) it does nothing: the gradients keep adding up."""
-        if self.accumulating:
-            return
-        if name is not None and name not in self.optimizers:
-            raise LanternaError(
-                f"ctx.step_optimizer({name!r}): there is no optimizer {name!r}; the optimizers are "
-                f"{list(self.optimizers)} (the names of the dict set_optimizers returns)."
-            )
-        opts = self.optimizers if name is None else {name: self.optimizers[name]}
-        self.current_opt = name
-        self.hooks.on_train_batch_before_step(self)
-        for opt in opts.values():
-            if self.scaler is not None:
-                self.scaler.step(opt)
-            else:
-                opt.step()
-            _zero_grad(opt)
-        if self.scaler is not None:
-            self.scaler.update()
-        self.hooks.on_train_batch_after_step(self)
+        self.stepper.step_optimizer(name)
 
     def unscale_gradients(self) -> None:
         """Unscale gradients in place under 16-bit mixed precision (before clipping)."""
-        if self.scaler is not None:
-            for opt in self.optimizers.values():
-                with contextlib.suppress(RuntimeError):  # already unscaled for this step
-                    self.scaler.unscale_(opt)
+        self.stepper.unscale_gradients()
 
     def stop(self) -> None:
         """End fit now (not only after this epoch)."""

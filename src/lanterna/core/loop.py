@@ -13,13 +13,9 @@ import torch
 from ..data import batch_size_of, split_batch
 from ..errors import DataError
 from .context import Context
-from .events import StopTraining
+from .events import CancelFit, FitDecision, Interrupted
 
 __all__ = ["fit_loop", "run_phase"]
-
-
-class _Interrupted(Exception):
-    pass
 
 
 def run_phase(ctx: Context, training: bool) -> None:
@@ -33,14 +29,14 @@ def run_phase(ctx: Context, training: bool) -> None:
     if training:
         begin, b_begin, b_end, end = (hooks.on_train_begin, hooks.on_train_batch_begin,
                                       hooks.on_train_batch_end, hooks.on_train_end)
-        step = ctx.train_step
+        step = ctx.stepper.train_batch
     else:
         begin, b_begin, b_end, end = (hooks.on_valid_begin, hooks.on_valid_batch_begin,
                                       hooks.on_valid_batch_end, hooks.on_valid_end)
-        step = ctx.valid_step
+        step = ctx.stepper.valid_batch
     begin(ctx)
     i = 0
-    local_stop = ctx.dist is None  # under DDP, Ctrl-C is agreed at epoch end so no rank waits for another
+    local_stop = not ctx.world.distributed  # under DDP, Ctrl-C is agreed at epoch end: no rank waits for another
     with torch.set_grad_enabled(training), ctx.phase_context(training):
         for i, batch in enumerate(source, 1):
             ctx.iter = i
@@ -49,13 +45,13 @@ def run_phase(ctx: Context, training: bool) -> None:
             ctx.batch_size = batch_size_of(ctx.input)
             ctx.pred = ctx.loss = ctx.loss_weight = None
             b_begin(ctx)
-            step(ctx)
+            step()
             if training and not ctx.accumulating:
                 ctx.step += 1  # optimizer steps: GradientAccumulation defers some
             b_end(ctx)
             if ctx.interrupted and local_stop:
-                raise _Interrupted()
-    if i == 0 and (training or ctx.dist is None):
+                raise Interrupted()
+    if i == 0 and (training or not ctx.world.distributed):  # a rank may hold no validation batch
         raise DataError(
             f"The {'training' if training else 'validation'} data yielded no batches. "
             "Check that it is not empty (and that drop_last does not drop everything)."
@@ -81,11 +77,11 @@ def fit_loop(ctx: Context) -> None:
                 ctx.record["epoch_time"] = time.perf_counter() - t0
                 ctx.history.append(ctx.record)
                 hooks.on_epoch_end(ctx)
-                if ctx.dist is not None:
-                    ctx.interrupted = ctx.dist.any(ctx.interrupted)
-                    ctx.stop_training = ctx.dist.any(ctx.stop_training)
+                world = ctx.world  # every rank takes the same decision
+                ctx.interrupted = world.any(ctx.interrupted)
+                ctx.stop_training = world.any(ctx.stop_training)
                 if ctx.interrupted:
-                    raise _Interrupted()
+                    raise Interrupted()
                 if ctx.stop_training:
                     if epoch >= ctx.min_epochs:
                         ctx.status = "stopped_early"
@@ -94,11 +90,13 @@ def fit_loop(ctx: Context) -> None:
                     ctx.stop_training = False  # early stopping may not stop before min_epochs
             else:
                 ctx.status = "completed"
-        except _Interrupted:
-            ctx.status = "interrupted"
-            hooks.on_interrupt(ctx)
-        except StopTraining:
-            ctx.status = "stopped"
+        except CancelFit as stop:
+            ctx.status = stop.status
+            if isinstance(stop, Interrupted):
+                hooks.on_interrupt(ctx)
+        except FitDecision as decision:  # leaves fit (Optuna's pruning)
+            ctx.status = decision.status
+            raise
         except BaseException:
             ctx.status = "failed"
             raise

@@ -107,6 +107,9 @@ def loss_denominator(loss: Any, target: Any) -> Callable[[Tensor], Tensor] | Non
     ``ignore_index``), so that the epoch's loss can be ``Σ loss·denominator / Σ denominator``, the whole-set
     value. None when the batch size already is the denominator (every other loss).
 
+    >>> import torch
+    >>> from torch import nn
+    >>> from lanterna.core.losses import loss_denominator
     >>> weigh = loss_denominator(nn.CrossEntropyLoss(weight=torch.tensor([1.0, 3.0])), torch.tensor([0, 1]))
     >>> float(weigh(torch.tensor([1, 1, -100])))
     6.0

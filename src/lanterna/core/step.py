@@ -1,9 +1,14 @@
-"""The default step (forward → loss → backward → optimizer step), and a model's own ``step(ctx)``."""
+"""The life of a batch after the loop hands it over: forward → loss → backward → optimizer step (the
+:class:`Stepper`), or a module's own ``step(ctx)``; the first-batch checks of forward and loss."""
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Any
+
+import torch
+from torch import Tensor
 
 from ..data import call_model
 from ..errors import LanternaError, ModelCallError
@@ -18,7 +23,7 @@ from .checks import (
 from .context import Context
 from .losses import loss_denominator
 
-__all__ = ["train_step", "valid_step", "custom_step", "make_forward", "make_loss", "Forward", "LossComputer"]
+__all__ = ["Stepper", "Forward", "LossComputer", "zero_grad"]
 
 
 class Forward:
@@ -29,7 +34,7 @@ class Forward:
         self.ctx = ctx
         self.model = ctx.model
         self.train_fwd = ctx.forward_model
-        self.eval_fwd = getattr(ctx, "eval_forward_model", None) or ctx.forward_model  # DDP: validate bare
+        self.eval_fwd = ctx.eval_forward_model or ctx.forward_model  # DDP: validate on the bare module
         self.autocast = ctx.accelerator.autocast if ctx.accelerator.amp_dtype is not None else None
         self.checked: set[bool] = set()  # values of ctx.training already checked
 
@@ -124,60 +129,149 @@ class LossComputer:
         return loss
 
 
-def make_forward(ctx: Context) -> Forward:
-    """The forward callable of ``ctx`` (see :class:`Forward`)."""
-    return Forward(ctx)
+_BASE_ZERO_GRAD = torch.optim.Optimizer.zero_grad
 
 
-def make_loss(ctx: Context) -> LossComputer:
-    """The loss callable of ``ctx`` (see :class:`LossComputer`)."""
-    return LossComputer(ctx)
-
-
-def train_step(ctx: Context) -> None:
-    """forward → loss → backward → step, with the batch hooks in between."""
-    hooks = ctx.hooks
-    ctx.pred = ctx._forward(ctx.input)
-    hooks.on_train_batch_after_pred(ctx)
-    ctx.loss = ctx._compute_loss(ctx.pred, ctx.target)
-    hooks.on_train_batch_after_loss(ctx)
-    ctx.backward(ctx.loss)
-    ctx.step_optimizer()
-
-
-def valid_step(ctx: Context) -> None:
-    """forward → loss, no gradients."""
-    hooks = ctx.hooks
-    ctx.pred = ctx._forward(ctx.input)
-    hooks.on_valid_batch_after_pred(ctx)
-    if ctx.loss_fn is not None and ctx.target is not None:
-        ctx.loss = ctx._compute_loss(ctx.pred, ctx.target)
-        hooks.on_valid_batch_after_loss(ctx)
-
-
-def custom_step(ctx: Context) -> None:
-    """The module's own ``step(ctx)``; it sets ``ctx.pred`` / ``ctx.loss`` and calls ``ctx.backward`` and
-    ``ctx.step_optimizer`` (or steps the optimizers itself)."""
-    if not ctx.training:
-        ctx.model.step(ctx)
+def zero_grad(opt: torch.optim.Optimizer) -> None:
+    """``opt.zero_grad(set_to_none=True)``. For optimizers that keep torch's implementation, the same loop
+    without its profiler range, which costs ~10 µs a step on CPU — as much as a small model's step."""
+    if type(opt).zero_grad is not _BASE_ZERO_GRAD or torch.autograd.profiler._is_profiler_enabled:
+        opt.zero_grad(set_to_none=True)
         return
-    ctx._did_backward = False
-    watch = getattr(ctx, "_backward_watch", True)
-    if watch is True:  # first training batch: find out whether step() trains anything
-        watch = ctx._backward_watch = _BackwardWatch(ctx)
-    ctx.model.step(ctx)
-    if watch is not None:
-        watch.check(ctx)
-    if not ctx.accumulating:
-        # Gradients no optimizer consumed in this batch (a generator's loss reaching the discriminator) must
-        # not leak into the next batch's steps, as the per-iteration zero_grad() of a hand-written loop ensures.
-        for opt in ctx.optimizers.values():
-            opt.zero_grad(set_to_none=True)
+    for group in opt.param_groups:
+        for p in group["params"]:
+            p.grad = None
+
+
+class Stepper:
+    """The mechanics of one batch, built once per fit (and per predict / evaluate) and kept in ``ctx.stepper``:
+    forward, loss, backward, optimizer step, zero-grad, unscale, the first-batch checks, and a module's own
+    ``step(ctx)``. ``ctx.forward`` / ``ctx.backward`` / ``ctx.step_optimizer`` delegate here.
+
+    The default training batch (:meth:`train_batch`)::
+
+        pred = forward(input)             → on_train_batch_after_pred
+        loss = loss_fn(pred, target)      → on_train_batch_after_loss
+        backward(loss)                    → on_train_batch_before_backward (NaN check, accumulation scaling)
+        step_optimizer()                  → on_train_batch_before_step (NaN gradients, clipping), step,
+                                            zero_grad → on_train_batch_after_step
+
+    Args:
+        ctx: the fit's context (its model, optimizers, scaler, hooks and accelerator are used).
+
+    >>> import torch
+    >>> from lanterna.core.accelerator import Accelerator
+    >>> from lanterna.core.context import Context
+    >>> from lanterna.core.step import Stepper
+    >>> model = torch.nn.Linear(3, 1)
+    >>> ctx = Context(model=model, forward_model=model, accelerator=Accelerator(device="cpu"))
+    >>> Stepper(ctx).forward(torch.zeros(2, 3)).shape
+    torch.Size([2, 1])
+    """
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.forward = Forward(ctx)
+        self.loss = LossComputer(ctx)
+        own = ctx.custom_step
+        self.train_batch = self._own_train_batch if own else self._train_batch
+        self.valid_batch = self._own_valid_batch if own else self._valid_batch
+        self._did_backward = False
+        self._watch: _BackwardWatch | None | bool = True  # True: not yet created (first training batch)
+
+    # ------------------------------------------------------------------ the default step
+    def _train_batch(self) -> None:
+        ctx = self.ctx
+        hooks = ctx.hooks
+        ctx.pred = self.forward(ctx.input)
+        hooks.on_train_batch_after_pred(ctx)
+        ctx.loss = self.loss(ctx.pred, ctx.target)
+        hooks.on_train_batch_after_loss(ctx)
+        self.backward(ctx.loss)
+        self.step_optimizer()
+
+    def _valid_batch(self) -> None:
+        ctx = self.ctx
+        hooks = ctx.hooks
+        ctx.pred = self.forward(ctx.input)
+        hooks.on_valid_batch_after_pred(ctx)
+        if ctx.loss_fn is not None and ctx.target is not None:
+            ctx.loss = self.loss(ctx.pred, ctx.target)
+            hooks.on_valid_batch_after_loss(ctx)
+
+    # ------------------------------------------------------------------ a module's own step(ctx)
+    def _own_valid_batch(self) -> None:
+        self.ctx.model.step(self.ctx)
+
+    def _own_train_batch(self) -> None:
+        """The module's ``step(ctx)``: it sets ``ctx.pred`` / ``ctx.loss`` and calls ``ctx.backward`` and
+        ``ctx.step_optimizer`` (or steps the optimizers itself)."""
+        ctx = self.ctx
+        self._did_backward = False
+        watch = self._watch
+        if watch is True:  # first training batch: find out whether step() trains anything
+            watch = self._watch = _BackwardWatch(ctx)
+        ctx.model.step(ctx)
+        if watch is not None:
+            watch.check(ctx, self._did_backward)
+            self._watch = None
+        if not ctx.accumulating:
+            # Gradients no optimizer consumed in this batch (a generator's loss reaching the discriminator) must
+            # not leak into the next batch's steps, as the per-iteration zero_grad() of a hand-written loop ensures.
+            for opt in ctx.optimizers.values():
+                opt.zero_grad(set_to_none=True)
+
+    # ------------------------------------------------------------------ the parts
+    def backward(self, loss: Tensor) -> None:
+        """Backward pass (scaled under 16-bit mixed precision); fires ``on_train_batch_before_backward``,
+        whose callbacks may replace ``ctx.backward_loss`` (GradientAccumulation scales it)."""
+        ctx = self.ctx
+        ctx.backward_loss = loss
+        ctx.hooks.on_train_batch_before_backward(ctx)
+        loss = ctx.backward_loss
+        self._did_backward = True
+        if ctx.scaler is not None:
+            ctx.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+
+    def step_optimizer(self, name: str | None = None) -> None:
+        """Step one optimizer (all when ``name`` is None) and zero its gradients, between
+        ``on_train_batch_before_step`` and ``on_train_batch_after_step``; nothing while ``ctx.accumulating``."""
+        ctx = self.ctx
+        if ctx.accumulating:
+            return
+        optimizers, scaler = ctx.optimizers, ctx.scaler
+        if name is not None and name not in optimizers:
+            raise LanternaError(
+                f"ctx.step_optimizer({name!r}): there is no optimizer {name!r}; the optimizers are "
+                f"{list(optimizers)} (the names of the dict set_optimizers returns)."
+            )
+        opts = optimizers.values() if name is None else (optimizers[name],)
+        ctx.current_opt = name
+        ctx.hooks.on_train_batch_before_step(ctx)
+        for opt in opts:
+            if scaler is not None:
+                scaler.step(opt)
+            else:
+                opt.step()
+            zero_grad(opt)
+        if scaler is not None:
+            scaler.update()
+        ctx.hooks.on_train_batch_after_step(ctx)
+
+    def unscale_gradients(self) -> None:
+        """Unscale gradients in place under 16-bit mixed precision (before clipping)."""
+        scaler = self.ctx.scaler
+        if scaler is not None:
+            for opt in self.ctx.optimizers.values():
+                with contextlib.suppress(RuntimeError):  # already unscaled for this step
+                    scaler.unscale_(opt)
 
 
 class _BackwardWatch:
     """Warns once when a custom step trains nothing (no backward, no optimizer step); removed after the first
-    batch that trains, so it costs nothing afterwards."""
+    training batch, so it costs nothing afterwards."""
 
     def __init__(self, ctx: Context) -> None:
         self.stepped = False
@@ -186,11 +280,10 @@ class _BackwardWatch:
     def _on_step(self, *args: Any) -> None:
         self.stepped = True
 
-    def check(self, ctx: Context) -> None:
-        trained = ctx._did_backward or self.stepped or any(p.grad is not None for p in ctx.model.parameters())
+    def check(self, ctx: Context, did_backward: bool) -> None:
+        trained = did_backward or self.stepped or any(p.grad is not None for p in ctx.model.parameters())
         for h in self.handles:
             h.remove()
-        ctx._backward_watch = None
         if not trained:
             warnings.warn(
                 "The module's step(ctx) ran a training batch without calling backward: no parameter got a "

@@ -1,4 +1,4 @@
-"""Data adapters: any accepted data form → a :class:`BatchSource` (API.md §2).
+"""Data adapters: any accepted data form → a :class:`BatchSource` (docs/models.md, "Data forms").
 
 Accepted: a DataLoader, a Dataset, a tuple/list ``(x, y)`` of tensors / NumPy arrays / pandas objects
 (nested tuples and dicts for several inputs or targets), and, for prediction, ``x`` alone.
@@ -121,6 +121,8 @@ def custom_sampler(dl: DataLoader) -> str | None:
     """The class name of ``dl``'s sampler (or batch sampler) when it is not one that ``DataLoader`` builds from
     ``batch_size`` and ``shuffle`` over the whole dataset; None for those (which lanterna may rebuild).
 
+    >>> from torch.utils.data import DataLoader
+    >>> from lanterna.data.adapters import custom_sampler
     >>> custom_sampler(DataLoader(range(10), batch_size=2, shuffle=True)) is None
     True
     """
@@ -207,7 +209,7 @@ def make_source(
     options: Mapping[str, Any] | None = None,
     what: str = "data",
 ) -> BatchSource:
-    """Turn ``data`` into a batch source (API.md §2).
+    """Turn ``data`` into a batch source (the forms of docs/models.md, "Data forms").
 
     Args:
         data: a DataLoader (used as is: ``options`` must be empty), a Dataset, or in-memory data.
@@ -217,6 +219,8 @@ def make_source(
         options: ``dataloader_options``, validated here (unknown keys and bad values are errors).
         what: how errors and warnings name the data ("validation data" ...).
 
+    >>> import torch
+    >>> from lanterna.data.adapters import make_source
     >>> src = make_source((torch.randn(10, 3), torch.randn(10, 1)), train=True, options={"batch_size": 4})
     >>> src.num_batches()
     3
@@ -416,11 +420,13 @@ def split_valid(
     and weights refer to the whole dataset, so split the dataset yourself and pass ``valid_data=DataLoader(...)``.
 
     Args:
-        data: training data in any splittable form of API.md §2 (not an IterableDataset).
+        data: training data in any splittable form of docs/models.md, "Data forms" (not an IterableDataset).
         fraction: the share held out, strictly between 0 and 1.
         generator: draws the split (seed it for a reproducible split; under torchrun, alike on every rank).
         options: ``dataloader_options`` for the loaders lanterna builds (validation: never shuffled).
 
+    >>> import torch
+    >>> from lanterna.data.adapters import split_valid
     >>> tr, va = split_valid((torch.randn(10, 3), torch.randn(10, 1)), 0.2, generator=torch.Generator())
     >>> tr.num_samples, va.num_samples
     (8, 2)

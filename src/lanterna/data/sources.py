@@ -51,6 +51,8 @@ class TensorBatches(BatchSource):
     It draws from the same random generators, in the same order, as ``DataLoader(TensorDataset(...),
     batch_size, shuffle, drop_last, generator)``, so both give the same batches for the same RNG state.
 
+    >>> import torch
+    >>> from lanterna.data.sources import TensorBatches
     >>> src = TensorBatches([torch.arange(10.0), torch.arange(10)], ("tuple", [None, None]), batch_size=4)
     >>> [len(b[0]) for b in src]
     [4, 4, 2]
@@ -232,7 +234,9 @@ def auto_num_workers(dataset: Any, batch_size: int, *, max_workers: int = 8) -> 
     dataset that returns tensors on an accelerator, or where processes cannot be forked (only Linux
     forks by default). Set ``dataloader_options={"num_workers": ...}`` to choose yourself.
 
+    >>> import torch
     >>> from torch.utils.data import TensorDataset
+    >>> from lanterna.data.sources import auto_num_workers
     >>> auto_num_workers(TensorDataset(torch.zeros(100, 3)), 32)  # a tensor per sample: cheap
     0
     """

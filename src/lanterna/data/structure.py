@@ -23,8 +23,10 @@ __all__ = [
 
 
 def split_batch(batch: Any) -> tuple[Any, Any]:
-    """Return ``(input, target)`` for one batch, following API.md §2.
+    """Return ``(input, target)`` for one batch, following docs/models.md, "Several inputs".
 
+    >>> import torch
+    >>> from lanterna.data.structure import split_batch
     >>> x, y = torch.zeros(4, 3), torch.zeros(4)
     >>> split_batch((x, y))[1] is y
     True

@@ -1,4 +1,4 @@
-"""DDP under ``torchrun``: process group, per-rank device, data shards, cross-rank reductions (API.md §8).
+"""DDP under ``torchrun``: process group, per-rank device, data shards, cross-rank reductions (README.md, "torchrun").
 
 The same script runs with ``python train.py`` and ``torchrun --nproc_per_node=N train.py``: when torchrun's
 environment says ``WORLD_SIZE > 1``, :func:`from_env` initialises the process group (nccl on cuda, gloo on
@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler, Sampler
 
-from ..core.collectives import all_gather_rows
+from ..core.world import Local, all_gather_rows
 from ..data.adapters import custom_sampler, loader_options
 from ..data.sources import BatchSource, LoaderBatches, TensorBatches
 from ..errors import DataError
@@ -45,6 +45,9 @@ class ShardSampler(Sampler[int]):
     """``order[rank::world_size]``, where ``order`` is a permutation seeded by ``seed + epoch`` (shuffle) or
     ``range(n)``. No padding: shards differ in length by at most one.
 
+    >>> from lanterna.integrations.distributed import ShardSampler
+    >>> list(ShardSampler(5, rank=0, world_size=2, shuffle=False))
+    [0, 2, 4]
     >>> list(ShardSampler(5, rank=1, world_size=2, shuffle=False))
     [1, 3]
     """
@@ -92,8 +95,11 @@ class _ShardedTensorBatches(TensorBatches):
         return self.sampler.order()
 
 
-class Distributed:
-    """One process of a DDP job: rank, world size, device, and the collectives fit needs."""
+class Distributed(Local):
+    """One process of a DDP job: rank, world size, device, and the collectives fit needs (the interface of
+    :class:`lanterna.core.world.Local`, with real collectives)."""
+
+    distributed = True
 
     def __init__(self, rank: int, world_size: int, local_rank: int, device: torch.device, seed: int) -> None:
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
@@ -178,6 +184,7 @@ class Distributed:
         return int(t.item())
 
     def all_reduce_sum(self, t: Tensor) -> Tensor:
+        """``t`` summed over all ranks, in place."""
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
 
@@ -195,6 +202,7 @@ class Distributed:
         return out
 
     def barrier(self) -> None:
+        """Wait for every rank."""
         dist.barrier()
 
 

@@ -1,4 +1,4 @@
-"""Export a trained model for inference: ONNX, TorchScript or ``torch.export`` (API.md §7).
+"""Export a trained model for inference: ONNX, TorchScript or ``torch.export`` (docs/saving.md, "Export for inference").
 
 Every export is reloaded with the format's standard loader and run on the example input; its outputs must
 match the model's (``atol``/``rtol`` 1e-5), else :class:`~lanterna.errors.ExportError`. ONNX is checked
@@ -136,7 +136,9 @@ def export(
         atol, rtol: the comparison's tolerances.
         options: passed to the exporter (e.g. ``opset_version=18``).
 
-    >>> import tempfile
+    >>> import tempfile, torch
+    >>> from torch import nn
+    >>> from lanterna.integrations.export import export
     >>> p = export(nn.Linear(3, 1), tempfile.mkdtemp() + "/m.pt2", torch.randn(4, 3), format="exported_program")
     >>> torch.export.load(p).module()(torch.randn(6, 3)).shape
     torch.Size([6, 1])

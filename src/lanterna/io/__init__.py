@@ -1,9 +1,14 @@
 """Files: atomic writes, the checkpoint format, RNG capture and restore, safe model artifacts.
 
-Nothing here imports the rest of lanterna (except :mod:`lanterna.errors`; :mod:`lanterna.io.fitted`, behind
-``fitted.save`` / ``ln.load``, builds a ``Fitted`` inside its functions), nor ever unpickles a file.
+Nothing here imports the rest of lanterna (except :mod:`lanterna.errors` and the version string), nor ever
+unpickles a file: :mod:`lanterna.io.fitted` writes and reads the saved-model files from plain values, and
+:mod:`lanterna.loading` (above :mod:`lanterna.api` and :mod:`lanterna.results`) rebuilds a ``Fitted`` from them.
 
->>> from lanterna.io import save_checkpoint, load_checkpoint, capture_rng_state
+>>> import tempfile, torch
+>>> from lanterna.io import load_checkpoint, save_checkpoint
+>>> path = save_checkpoint(tempfile.mkdtemp() + "/c.pt", {"model": {"w": torch.ones(2)}, "epoch": 3})
+>>> load_checkpoint(path)["epoch"]
+3
 """
 
 from .artifact import read_artifact, resolve_module_class, save_artifact

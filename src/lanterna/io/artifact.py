@@ -1,4 +1,4 @@
-"""Safe model artifacts: weights as safetensors, metadata as JSON; never a pickle (API.md §7).
+"""Safe model artifacts: weights as safetensors, metadata as JSON; never a pickle (docs/saving.md).
 
 Format version 2. An artifact is either
 
@@ -88,6 +88,7 @@ class Unrestored:
     (a function, an arbitrary object), or a class that is refused or not imported. ``reason`` says which;
     ``ln.load`` reports it where the value is needed (:func:`find_unrestored`).
 
+    >>> from lanterna.io.artifact import Unrestored
     >>> Unrestored("not stored")
     <not restored: not stored>
     """
@@ -104,6 +105,7 @@ class Unrestored:
 def find_unrestored(value: Any, where: str = "value") -> list[str]:
     """``"where: reason"`` for each :class:`Unrestored` inside ``value`` (dicts, lists, tuples).
 
+    >>> from lanterna.io.artifact import Unrestored, find_unrestored
     >>> find_unrestored({"act": Unrestored("refused"), "n": 3}, "hparams")
     ["hparams['act']: refused"]
     """
@@ -121,6 +123,8 @@ def find_unrestored(value: Any, where: str = "value") -> list[str]:
 def describe_value(value: Any) -> str:
     """A short description of a value the metadata cannot hold, for messages.
 
+    >>> import torch
+    >>> from lanterna.io.artifact import describe_value
     >>> describe_value(torch.tanh)
     'the function torch.tanh'
     """
@@ -253,6 +257,8 @@ def encode_json(value: Any, where: str = "value", *, tensors: list[torch.Tensor]
         tensors: where tensors go, or None for inline tensors.
         unsaved: where unstorable values are listed, or None to raise for them.
 
+    >>> from torch import nn
+    >>> from lanterna.io.artifact import decode_json, encode_json
     >>> decode_json(encode_json({"sizes": (32, 16), "eps": float("inf"), "act": nn.Tanh}))
     {'sizes': (32, 16), 'eps': inf, 'act': <class 'torch.nn.modules.activation.Tanh'>}
     """
@@ -346,6 +352,7 @@ def decode_json(value: Any, tensors: Mapping[str, torch.Tensor] | None = None, w
         tensors: the stored tensors, by the keys :func:`encode_json` gave them.
         where: its name in messages.
 
+    >>> from lanterna.io.artifact import decode_json
     >>> decode_json({"__dtype__": "float16"})
     torch.float16
     """
@@ -370,6 +377,8 @@ def sniff(path: str | os.PathLike[str]) -> str:
     file whose header length does not fit) or ``"unknown"``.
 
     >>> import tempfile
+    >>> from pathlib import Path
+    >>> from lanterna.io.artifact import sniff
     >>> p = Path(tempfile.mkdtemp()) / "x.bin"; _ = p.write_bytes(b"\\x80\\x04K\\x01.")
     >>> sniff(p)
     'pickle'
@@ -468,7 +477,9 @@ def save_artifact(
         unsaved: a list that collects the values that cannot be stored (as placeholders); None: they raise
             :class:`ArtifactError`.
 
-    >>> import tempfile
+    >>> import tempfile, torch
+    >>> from pathlib import Path
+    >>> from lanterna.io.artifact import save_artifact
     >>> p = save_artifact(Path(tempfile.mkdtemp()) / "m", {"w": torch.ones(2)}, {"history": []})
     >>> sorted(x.name for x in p.iterdir())  # doctest: +ELLIPSIS
     ['lanterna.json', 'model-....safetensors']
@@ -696,7 +707,9 @@ def read_artifact(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor]
     Args:
         path: the folder or ``.safetensors`` file.
 
-    >>> import tempfile
+    >>> import tempfile, torch
+    >>> from pathlib import Path
+    >>> from lanterna.io.artifact import read_artifact, save_artifact
     >>> p = save_artifact(Path(tempfile.mkdtemp()) / "m.safetensors", {"w": torch.ones(2)}, {"x": (1, 2)})
     >>> sd, meta = read_artifact(p)
     >>> sd["w"].tolist(), meta["x"]
@@ -735,6 +748,8 @@ def import_path(obj: Any) -> str | None:
     """``"package.module:QualName"`` of a class or function, or None when it cannot be imported by name
     (defined in a function, or in ``__main__``' when that is not a file).
 
+    >>> from torch import nn
+    >>> from lanterna.io.artifact import import_path
     >>> import_path(nn.Linear)
     'torch.nn.modules.linear:Linear'
     """
@@ -755,6 +770,7 @@ def resolve_class(path: Any, base: type = nn.Module) -> type:
         path: the recorded import path.
         base: the class it must derive from (``nn.Module``; ``torch.optim.Optimizer`` for an optimizer).
 
+    >>> from lanterna.io.artifact import resolve_class
     >>> resolve_class("torch.nn.modules.linear:Linear")
     <class 'torch.nn.modules.linear.Linear'>
     """
@@ -784,6 +800,7 @@ def resolve_class(path: Any, base: type = nn.Module) -> type:
 def resolve_module_class(path: str) -> type[nn.Module]:
     """:func:`resolve_class` for an ``nn.Module`` subclass.
 
+    >>> from lanterna.io.artifact import resolve_module_class
     >>> resolve_module_class("torch.nn.modules.activation:Tanh")
     <class 'torch.nn.modules.activation.Tanh'>
     """
@@ -796,8 +813,17 @@ def load_weights_strict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]
     entries of another kind of dtype (integers into floats ...: ``load_state_dict`` would convert them
     silently; another float precision is converted as torch does).
 
-    >>> m = nn.Linear(2, 1)
-    >>> load_weights_strict(m, nn.Linear(2, 1).state_dict())
+    >>> import torch
+    >>> from torch import nn
+    >>> from lanterna.io.artifact import load_weights_strict
+    >>> m, saved = nn.Linear(2, 1), nn.Linear(2, 1)
+    >>> load_weights_strict(m, saved.state_dict())
+    >>> torch.equal(m.weight, saved.weight)
+    True
+    >>> load_weights_strict(m, nn.Linear(3, 1).state_dict())  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    lanterna.errors.ModelMismatchError: ...weight: saved (1, 3), model (1, 2)...
     """
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]

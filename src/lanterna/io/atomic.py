@@ -48,6 +48,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
     still holds its previous content, byte for byte.
 
     >>> import tempfile, pathlib
+    >>> from lanterna.io.atomic import atomic_write
     >>> p = pathlib.Path(tempfile.mkdtemp()) / "a.txt"
     >>> _ = atomic_write(p, lambda f: f.write(b"hello"))
     >>> p.read_bytes()
@@ -78,6 +79,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """:func:`atomic_write` of a bytes object.
 
     >>> import tempfile, pathlib
+    >>> from lanterna.io.atomic import atomic_write_bytes
     >>> p = atomic_write_bytes(pathlib.Path(tempfile.mkdtemp()) / "b.bin", b"\\x00\\x01")
     >>> p.stat().st_size
     2
@@ -109,6 +111,8 @@ def explain_write_error(e: OSError) -> str:
     Args:
         e: the ``OSError`` the write raised.
 
+    >>> import errno
+    >>> from lanterna.io.atomic import explain_write_error
     >>> explain_write_error(OSError(errno.ENOSPC, "No space left on device"))
     'the disk is full (No space left on device); free disk space or choose a folder on another disk'
     """
@@ -137,6 +141,7 @@ def sweep_temp_files(folder: str | os.PathLike[str], *, all_processes: bool = Fa
     Files of processes still running are kept (they may be writing now) unless ``all_processes``.
 
     >>> import tempfile
+    >>> from lanterna.io.atomic import sweep_temp_files
     >>> sweep_temp_files(tempfile.mkdtemp())
     []
     """

@@ -1,4 +1,4 @@
-"""The checkpoint format shared by ModelCheckpoint and AutoResume (API.md §7).
+"""The checkpoint format shared by ModelCheckpoint and AutoResume (docs/saving.md, "The checkpoint format").
 
 A checkpoint is one file written with ``torch.save`` that loads with ``torch.load(path, weights_only=True)``
 into a dict::
@@ -11,6 +11,8 @@ into a dict::
 ``integrity`` is a SHA-256 over the content of every other entry (keys, types, scalars, tensor dtypes,
 shapes and bytes, in order), so a reader tells a whole checkpoint from a damaged one (truncated, bit-flipped,
 emptied) whatever the damage hits. Files are written atomically (:mod:`lanterna.io.atomic`).
+
+(Over 350 lines: the format's sanitizer, checksum, writer, reader and folder helpers are one unit.)
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ __all__ = [
     "load_checkpoint",
     "verify_checkpoint",
     "scan_checkpoints",
+    "check_writable",
 ]
 
 FORMAT = "lanterna.checkpoint"
@@ -57,6 +60,8 @@ def sanitize(obj: Any, where: str = "checkpoint") -> Any:
     number, string, bytes, None, tensor, ``torch.dtype``/``torch.device``/``torch.Size``, list, tuple or dict
     raises :class:`CheckpointError` naming where it sits.
 
+    >>> import numpy as np
+    >>> from lanterna.io.checkpoint import sanitize
     >>> sanitize({"a": np.float64(1.5), "b": (1, "x")})
     {'a': 1.5, 'b': (1, 'x')}
     """
@@ -141,6 +146,8 @@ def content_digest(obj: Any) -> str:
     """SHA-256 of the content of ``obj`` (a sanitized checkpoint dict): keys, types, scalars, tensor
     dtypes, shapes and bytes, in order. Independent of how ``torch.save`` lays the bytes out.
 
+    >>> import torch
+    >>> from lanterna.io.checkpoint import content_digest
     >>> content_digest({"a": torch.zeros(2)}) == content_digest({"a": torch.zeros(2)})
     True
     >>> content_digest({"a": torch.zeros(2)}) == content_digest({"a": torch.ones(2)})
@@ -163,7 +170,9 @@ def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any]) -> P
     folder, a permission error), the ``OSError`` is its ``__cause__``, the previous file at ``path`` is left
     as it was and no temp file remains.
 
-    >>> import tempfile
+    >>> import tempfile, torch
+    >>> from pathlib import Path
+    >>> from lanterna.io.checkpoint import load_checkpoint, save_checkpoint
     >>> p = save_checkpoint(Path(tempfile.mkdtemp()) / "c.pt", {"model": {"w": torch.ones(2)}, "epoch": 1})
     >>> load_checkpoint(p)["epoch"]
     1
@@ -304,6 +313,8 @@ def load_checkpoint(path: str | os.PathLike[str], *, verify: bool = True) -> dic
     unpickling error.
 
     >>> import tempfile
+    >>> from pathlib import Path
+    >>> from lanterna.io.checkpoint import load_checkpoint, save_checkpoint
     >>> p = save_checkpoint(Path(tempfile.mkdtemp()) / "c.pt", {"model": {}, "step": 7})
     >>> load_checkpoint(p)["step"]
     7
@@ -339,6 +350,7 @@ def scan_checkpoints(
     verified here (call :func:`verify_checkpoint` on the one you use). A newer format version raises.
 
     >>> import tempfile
+    >>> from lanterna.io.checkpoint import scan_checkpoints
     >>> scan_checkpoints(tempfile.mkdtemp())
     []
     """
@@ -360,3 +372,35 @@ def scan_checkpoints(
         found.append(CheckpointInfo(p, int(state.get("epoch", 0) or 0), int(state.get("step", 0) or 0), state))
     found.sort(key=lambda c: (c.step, c.epoch, c.path.stat().st_mtime_ns), reverse=True)
     return found
+
+
+def check_writable(folder: str | os.PathLike[str], who: str) -> None:
+    """Create ``folder`` and prove a file can be written there (a probe file, removed), before training
+    starts; else a :class:`CheckpointError` naming ``who``, the folder and the cause.
+
+    Args:
+        folder: the folder checkpoints will be written to.
+        who: the writer, for messages (``"AutoResume"``).
+
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from lanterna.io.checkpoint import check_writable
+    >>> check_writable(Path(tempfile.mkdtemp()) / "ckpt", "ModelCheckpoint")
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(
+            f"{who}: {str(folder)!r} is an existing file, not a folder. Give a folder path, or remove or rename "
+            "the file (checked before training, so no epoch is lost)."
+        )
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".probe{TEMP_MARKER}{os.getpid()}-{os.urandom(4).hex()}"
+        fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise CheckpointError(
+            f"{who} cannot write to {str(folder)!r}: {explain_write_error(e)} (checked before training, so no "
+            "epoch is lost)."
+        ) from e

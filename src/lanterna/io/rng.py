@@ -23,6 +23,8 @@ __all__ = ["capture_rng_state", "restore_rng_state"]
 def capture_rng_state(generators: Mapping[str, torch.Generator] | None = None) -> dict[str, Any]:
     """The state of all global generators, and of ``generators`` (name → ``torch.Generator``).
 
+    >>> import torch
+    >>> from lanterna.io.rng import capture_rng_state, restore_rng_state
     >>> state = capture_rng_state()
     >>> a = torch.rand(3)
     >>> restore_rng_state(state)
@@ -59,6 +61,8 @@ def restore_rng_state(state: Mapping[str, Any], generators: Mapping[str, torch.G
     """Put back what :func:`capture_rng_state` captured (generators matched by name; names missing on either
     side are left alone).
 
+    >>> import torch
+    >>> from lanterna.io.rng import capture_rng_state, restore_rng_state
     >>> g = torch.Generator().manual_seed(0)
     >>> s = capture_rng_state({"loader": g})
     >>> x = torch.rand(2, generator=g)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..core.collectives import all_gather_rows, world_size
+from ..core.world import all_gather_rows, world_size
 from ..errors import MetricError, ShapeMismatchError
 
 __all__ = ["LanternaMetric", "named", "on_output", "metric_key", "metric_display", "MetricSet", "unique_names",
@@ -37,6 +37,8 @@ class LanternaMetric(nn.Module, abc.ABC):
     size) and let lanterna fold many batches into one ``update``; under DDP ``compute`` sees the states of all
     processes (summed, max/min-reduced or concatenated).
 
+    >>> import torch
+    >>> from lanterna.metrics import LanternaMetric
     >>> class MeanError(LanternaMetric):
     ...     name, display_name = "me", "ME"
     ...     def __init__(self):
@@ -243,6 +245,7 @@ def entry_key(key: Any) -> str:
     """History key of one entry of a metric that returns a dict (``ClasswiseWrapper``, ``MetricCollection``):
     lowercase, with any character other than a letter, a digit, ``_``, ``.`` or ``-`` replaced by ``_``.
 
+    >>> from lanterna.metrics.base import entry_key
     >>> entry_key("MulticlassAccuracy"), entry_key("acc sea/lion")
     ('multiclassaccuracy', 'acc_sea_lion')
     """
@@ -254,6 +257,7 @@ def named(metric: Any, name: str, *, output: int | str | None = None) -> Any:
     ``output`` also binds it to one output of a multi-output model (see :func:`on_output`).
 
     >>> import torchmetrics
+    >>> from lanterna.metrics import metric_key, named
     >>> m = named(torchmetrics.MeanSquaredError(), "mse2")
     >>> metric_key(m)
     'mse2'
@@ -269,8 +273,10 @@ def on_output(metric: Any, output: int | str) -> Any:
     returned dict. The target is taken the same way when it is a tuple/dict (one target per output), else the
     one shared target is used. Without it, metrics see the main output (the first).
 
-    >>> from lanterna.metrics import MAE
+    >>> from lanterna.metrics import MAE, metric_key, named, on_output
     >>> aux_mae = named(on_output(MAE(), 1), "aux_mae")   # history: train_aux_mae, valid_aux_mae
+    >>> metric_key(aux_mae)
+    'aux_mae'
     """
     if isinstance(output, bool) or not isinstance(output, (int, str)):
         raise TypeError(f"on_output(metric, output): output must be an index (int) or a key (str), got {output!r}.")
@@ -313,7 +319,7 @@ def unique_names(metrics: Sequence[Any]) -> list[str]:
 class MetricSet:
     """Different metrics for training and validation (luz's ``luz_metric_set``).
 
-    >>> from lanterna.metrics import MAE, RMSE
+    >>> from lanterna.metrics import MAE, RMSE, MetricSet
     >>> ms = MetricSet(train=[MAE()], valid=[MAE(), RMSE()])
     >>> [type(m).__name__ for m in ms.valid]
     ['MAE', 'RMSE']

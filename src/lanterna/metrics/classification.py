@@ -42,6 +42,8 @@ class Accuracy(_Correct):
     Args:
         ignore_index: a target value whose samples are left out (as in torchmetrics), e.g. -100.
 
+    >>> import torch
+    >>> from lanterna.metrics import Accuracy
     >>> m = Accuracy(); m.update(torch.tensor([[0.1, 0.9], [0.8, 0.2]]), torch.tensor([1, 1]))
     >>> float(m.compute())
     0.5
@@ -84,6 +86,8 @@ class Accuracy(_Correct):
 class BinaryAccuracy(_Correct):
     """Binary accuracy of probabilities: ``pred > threshold`` against 0/1 targets (float or int).
 
+    >>> import torch
+    >>> from lanterna.metrics import BinaryAccuracy
     >>> m = BinaryAccuracy(); m.update(torch.tensor([0.9, 0.2, 0.7]), torch.tensor([1, 0, 0]))
     >>> round(float(m.compute()), 4)
     0.6667
@@ -101,6 +105,8 @@ class BinaryAccuracy(_Correct):
 class BinaryAccuracyWithLogits(BinaryAccuracy):
     """Binary accuracy of logits: ``sigmoid(pred) > threshold`` against 0/1 targets.
 
+    >>> import torch
+    >>> from lanterna.metrics import BinaryAccuracyWithLogits
     >>> m = BinaryAccuracyWithLogits(); m.update(torch.tensor([2.0, -1.0]), torch.tensor([1.0, 1.0]))
     >>> float(m.compute())
     0.5
@@ -146,6 +152,8 @@ class BinaryAUROC(_Ranked):
     (the ranking, hence the value, is the same: logits are kept as they are, with no sigmoid to saturate).
     NaN when the epoch has only one class.
 
+    >>> import torch
+    >>> from lanterna.metrics import BinaryAUROC
     >>> m = BinaryAUROC(); m.update(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0, 0, 1, 1]))
     >>> float(m.compute())
     0.75
@@ -172,6 +180,8 @@ class MulticlassAUROC(_Ranked):
     scores flattened, as scikit-learn's ``roc_auc_score(onehot, scores, average="micro")``) or None (one value
     per class). A class absent from the epoch's targets has no AUROC (NaN) and is left out of the averages.
 
+    >>> import torch
+    >>> from lanterna.metrics import MulticlassAUROC
     >>> m = MulticlassAUROC(num_classes=2)
     >>> m.update(torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]]), torch.tensor([0, 1, 1]))
     >>> float(m.compute())

@@ -32,6 +32,8 @@ class _ErrorSum(LanternaMetric):
 class MAE(_ErrorSum):
     """Mean absolute error over all elements of the epoch.
 
+    >>> import torch
+    >>> from lanterna.metrics import MAE
     >>> m = MAE(); m.update(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 0.0])); float(m.compute())
     1.5
     """
@@ -45,6 +47,8 @@ class MAE(_ErrorSum):
 class MSE(_ErrorSum):
     """Mean squared error over all elements of the epoch.
 
+    >>> import torch
+    >>> from lanterna.metrics import MSE
     >>> m = MSE(); m.update(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 0.0])); float(m.compute())
     2.5
     """
@@ -55,6 +59,8 @@ class MSE(_ErrorSum):
 class RMSE(_ErrorSum):
     """Root of the epoch's mean squared error (never a mean of batch RMSEs).
 
+    >>> import torch
+    >>> from lanterna.metrics import RMSE
     >>> m = RMSE(); m.update(torch.tensor([3.0, 4.0]), torch.tensor([0.0, 0.0])); round(float(m.compute()), 4)
     3.5355
     """

@@ -28,6 +28,7 @@ class LRFinderResult:
     ``raw_loss``; ``.plot()`` draws loss against learning rate on a log axis; ``.suggestion`` is a learning
     rate inside the longest stretch where the smoothed loss keeps falling (:meth:`suggest` has others).
 
+    >>> from lanterna.tuning.lr_finder import LRFinderResult
     >>> r = LRFinderResult([1e-3, 1e-2, 1e-1], [1.0, 0.5, 2.0], [1.0, 0.4, 3.0], diverged=True)
     >>> r.lrs
     [0.001, 0.01, 0.1]
@@ -206,7 +207,8 @@ def lr_finder(
     weights, buffers, gradients, device and train/eval mode back, and the global random generators are
     restored. ``data`` takes every form of ``fit``.
 
-    >>> import lanterna as ln
+    >>> import lanterna as ln, torch
+    >>> from torch import nn
     >>> x = torch.randn(256, 3); y = x.sum(1, keepdim=True)
     >>> setup = ln.setup(nn.Linear, loss=nn.MSELoss()).set_hparams(in_features=3, out_features=1)
     >>> result = ln.lr_finder(setup, (x, y), steps=50)

@@ -1,4 +1,4 @@
-"""``ln.tune``: run an Optuna study over setups, with a shared SQLite storage by default (seed 004)."""
+"""``ln.tune``: run an Optuna study over setups, with a shared SQLite storage by default (docs/models.md)."""
 
 from __future__ import annotations
 
@@ -133,7 +133,7 @@ def tune(
     suggest a parameter with another distribution (range, step, log scale, choices) or no parameter in common
     with this objective's first trial, is an error naming both (checked before that trial's fit).
 
-    Parallel search (seed 004): the storage defaults to a SQLite file in the working directory, opened by
+    Parallel search: the storage defaults to a SQLite file in the working directory, opened by
     :func:`storage` (WAL, lock timeout, heartbeats, retries of trials whose worker died). Start the same
     script with ``load_if_exists=True`` in several processes: they join the study named ``study_name`` and share
     its trials. ``n_trials`` counts this process's trials; ``max_trials`` caps the study's finished (complete or
@@ -163,18 +163,22 @@ def tune(
         catch: exceptions that fail a trial without ending the study.
         **fit_kwargs: fit's arguments for every trial.
 
-    >>> import lanterna as ln
+    >>> import lanterna as ln, torch
+    >>> from torch import nn
+    >>> x = torch.randn(200, 4); y = (x[:, 0] > 0).long()
     >>> def objective(trial):
-    ...     return (ln.setup(Net, loss=nn.CrossEntropyLoss(), optimizer=torch.optim.SGD,
+    ...     return (ln.setup(nn.Linear, loss=nn.CrossEntropyLoss(), optimizer=torch.optim.SGD,
     ...                      metrics=[ln.metrics.Accuracy()])
-    ...             .set_hparams(n_hidden=trial.suggest_int("n_hidden", 20, 300))
-    ...             .set_opt_hparams(lr=trial.suggest_float("lr", 1e-5, 1e-1, log=True)))
-    >>> study = ln.tune(objective, train_dl, valid_data=valid_dl, epochs=10, monitor="valid_acc",
-    ...                 n_trials=20)  # doctest: +SKIP
-    >>> study.best_params  # doctest: +SKIP
-    {'n_hidden': 116, 'lr': 0.0852...}
-    >>> study = ln.tune(objective, train_dl, valid_data=valid_dl, epochs=10, monitor="valid_acc",
-    ...                 n_trials=20, load_if_exists=True)  # doctest: +SKIP  (20 more trials)
+    ...             .set_hparams(in_features=4, out_features=2)
+    ...             .set_opt_hparams(lr=trial.suggest_float("lr", 1e-3, 1.0, log=True)))
+    >>> study = ln.tune(objective, (x, y), valid_data=0.2, epochs=2, monitor="valid_acc", n_trials=3,
+    ...                 storage="tune.db", verbose=False)
+    >>> study.direction.name, len(study.trials), list(study.best_params)
+    ('MAXIMIZE', 3, ['lr'])
+    >>> study = ln.tune(objective, (x, y), valid_data=0.2, epochs=2, monitor="valid_acc", n_trials=2,
+    ...                 storage="tune.db", verbose=False, load_if_exists=True)  # another process may run it too
+    >>> len(study.trials)
+    5
     """
     optuna = import_optuna()
     if not callable(objective):
@@ -198,7 +202,7 @@ def tune(
     if unknown:
         raise LanternaError(f"tune() got unknown arguments {sorted(unknown)}; besides its own options it takes "
                             f"fit's arguments {list(_FIT_KEYS)}.")
-    from ..callbacks.checkpoint import AutoResume
+    from ..callbacks.auto_resume import AutoResume
 
     if any(isinstance(cb, AutoResume) for cb in fit_kwargs.get("callbacks") or []):
         raise LanternaError(

@@ -1,23 +1,66 @@
-"""Cross-process gathering used by the metrics (their ``cat`` states) and by DDP's ``predict``.
+"""Where a fit runs: its processes and the collectives between them.
 
->>> from lanterna.core.collectives import world_size
->>> world_size()   # no process group running
-1
+:class:`Local` is one process, and the interface every part of lanterna uses: ``ctx.world.any(flag)``,
+``all_reduce_sum``, ``min_int``, ``is_main``, ``phase_context`` ... Under torchrun the world is
+``integrations.distributed.Distributed``, a subclass with real collectives, so callbacks and metrics never
+branch on whether a fit is distributed. This module sits below everything else in lanterna (it imports only
+torch), so the metrics' own reductions (:func:`all_gather_rows`, :func:`world_size`) live here too.
+
+>>> from lanterna.core.world import Local
+>>> world = Local()
+>>> world.any(True), world.min_int(3), world.is_main
+(True, 3, True)
 """
 
 from __future__ import annotations
+
+import contextlib
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["world_size", "all_gather_rows"]
+__all__ = ["Local", "world_size", "all_gather_rows"]
+
+
+class Local:
+    """The world of a single process: every collective is the identity."""
+
+    distributed = False
+    rank = 0
+    world_size = 1
+    is_main = True
+
+    def __repr__(self) -> str:
+        return "Local()"
+
+    def any(self, flag: bool) -> bool:
+        """True on every process when it is True on any (here: ``flag``)."""
+        return flag
+
+    def min_int(self, n: int) -> int:
+        """The smallest ``n`` over all processes (here: ``n``)."""
+        return n
+
+    def all_reduce_sum(self, t: Tensor) -> Tensor:
+        """``t`` summed over all processes, in place (here: ``t``)."""
+        return t
+
+    def phase_context(self, training: bool) -> contextlib.AbstractContextManager[Any]:
+        """The context around a phase's batches (DDP's ``join()`` for uneven shards)."""
+        return contextlib.nullcontext()
+
+    def set_grad_sync(self, enabled: bool) -> None:
+        """Whether the next backward all-reduces gradients (``DDP.no_sync``); nothing to do here."""
+
+    def barrier(self) -> None:
+        """Wait for every process (here: nothing to wait for)."""
+
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
            torch.int8, torch.uint8, torch.bool)
 _MAX_DIMS = 8
-
-
 def world_size() -> int:
     """Processes in the running default group; 1 when none runs."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
