@@ -98,6 +98,49 @@ def make_blobs(n: int = 300, n_classes: int = 3, d: int = 4, seed: int = 0) -> t
     return x[perm], y[perm]
 
 
+HISTORY_BASE = {"epoch", "lr", "epoch_time"}
+
+
+def history_keys(record: dict) -> set:
+    """A history row's keys without lanterna's documented extra throughput key ``samples_per_s``."""
+    return set(record) - {"samples_per_s"}
+
+
+def same_weights(a: nn.Module, b: nn.Module) -> bool:
+    """Whether two models hold bit-identical state dicts (same keys, equal tensors)."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def luz_net_setup(**opt):
+    """Seed 000's setup: ``Net(3, 32, 1)``, MSE, Adam and MAE, with ``lr=0.01`` unless opt hparams are given."""
+    import lanterna as ln
+
+    return (
+        ln.setup(Net, loss=nn.MSELoss(), optimizer=torch.optim.Adam, metrics=[ln.metrics.MAE()])
+        .set_hparams(d_in=3, d_hidden=32, d_out=1)
+        .set_opt_hparams(**(opt or {"lr": 0.01}))
+    )
+
+
+def linear_setup(**kw):
+    """``ln.setup(nn.Linear, loss=MSELoss())`` with 3 features in and 1 out; ``loss=`` and setup options as keywords."""
+    import lanterna as ln
+
+    return ln.setup(nn.Linear, loss=kw.pop("loss", nn.MSELoss()), **kw).set_hparams(in_features=3, out_features=1)
+
+
+def frozen_setup(**setup_kw):
+    """A setup whose weights never move (SGD with lr=0): every epoch has exactly the same valid_loss."""
+    import lanterna as ln
+
+    return (
+        ln.setup(Net, loss=nn.MSELoss(), optimizer=torch.optim.SGD, **setup_kw)
+        .set_hparams(d_in=3, d_hidden=8, d_out=1)
+        .set_opt_hparams(lr=0.0)
+    )
+
+
 @pytest.fixture
 def net_cls() -> type[Net]:
     """The Net class of seed 000 (instantiated by lanterna with set_hparams)."""

@@ -142,6 +142,7 @@ class Setup:
         accelerator: Accelerator | None = None,
         dataloader_options: Mapping[str, Any] | None = None,
         seed: int | None = None,
+        sample_weight: Any = None,
     ) -> Fitted:
         """Train and return a :class:`Fitted`.
 
@@ -154,6 +155,9 @@ class Setup:
             accelerator: an ``ln.Accelerator`` (device, precision, compile).
             dataloader_options: options where lanterna builds the loader (batch_size=32, shuffle, ...).
             seed: seeds model init, shuffling and the validation split.
+            sample_weight: one non-negative weight per sample of ``data`` (a 1-D tensor/array; in-memory data or a
+                map-style Dataset): the loss is ``Σ w·l / Σ w`` per batch and over the epoch, the ln metrics are
+                weighted too; a ``valid_data`` fraction keeps its samples' weights (docs/models.md).
 
         >>> import lanterna as ln, torch
         >>> from torch import nn
@@ -163,18 +167,28 @@ class Setup:
         >>> len(fitted.history)
         2
         """
+        return self._fit(data, epochs=epochs, valid_data=valid_data, callbacks=callbacks, verbose=verbose,
+                         accelerator=accelerator, dataloader_options=dataloader_options, seed=seed,
+                         sample_weight=sample_weight)
+
+    def _fit(self, data: Any, *, epochs: Any, valid_data: Any, callbacks: Any, verbose: bool | None,
+             accelerator: Accelerator | None, dataloader_options: Mapping[str, Any] | None, seed: int | None,
+             sample_weight: Any = None, previous: Fitted | None = None) -> Fitted:
+        """:meth:`fit`, or with ``previous`` (``Fitted.fit``) more epochs of its model, optimizers, schedulers
+        and grad scaler, numbered on from its last epoch."""
         min_epochs, max_epochs = _epochs(epochs)
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
             raise LanternaError(f"seed={seed!r}: give an integer seed, e.g. seed=42.")
         if accelerator is not None and not isinstance(accelerator, Accelerator):
             raise LanternaError(f"fit(accelerator={accelerator!r}): give an ln.Accelerator, e.g. "
                                 "accelerator=ln.Accelerator(device='cpu', precision='bf16-mixed').")
-        acc = accelerator or Accelerator()
+        acc = accelerator or (previous.accelerator if previous is not None else Accelerator())
         if seed is not None:
             seed_everything(seed)
         ddp = _distributed(acc, seed)
-        train_src, valid_src = _sources(data, valid_data, dataloader_options, seed if ddp is None else ddp.seed)
-        model = self.build_model()
+        split_seed = _split_seed(valid_data, seed if ddp is None else ddp.seed, previous)
+        train_src, valid_src = _sources(data, valid_data, dataloader_options, split_seed, sample_weight)
+        model = self.build_model() if previous is None else previous.model
         forward_model = eval_forward_model = acc.prepare_model(model)
         if ddp is not None:
             train_src = ddp.shard(train_src, train=True)
@@ -183,7 +197,11 @@ class Setup:
         train_src.to_device(acc.device)
         if valid_src is not None:
             valid_src.to_device(acc.device)
-        optimizers = self.build_optimizers(model)
+        state = previous.training_state() if previous is not None else {}
+        optimizers = previous.optimizers if previous is not None and previous.optimizers else None
+        if optimizers is None:
+            optimizers = self.build_optimizers(model)
+            _load_optimizer_states(optimizers, state.get("optimizers"))
         has_step = callable(getattr(model, "step", None))
         loss_fn = build_loss(self.loss, self.loss_weights, model, has_step)
         train_metrics, valid_metrics = split_metric_spec(self.metrics)
@@ -199,7 +217,10 @@ class Setup:
         printer = make_printer(verbose) if ctx.is_main else None
         if printer is not None:
             defaults.append(printer)
-        ctx.hooks = Hooks(_merge_callbacks(defaults, [] if callbacks is None else callbacks))
+        merged = _merge_callbacks(defaults, [] if callbacks is None else callbacks)
+        if previous is not None:
+            merged.append(_go_on(ctx, previous, state))
+        ctx.hooks = Hooks(merged)
         ctx.stepper = Stepper(ctx)
         for opt in optimizers.values():
             opt.zero_grad(set_to_none=True)
@@ -214,10 +235,12 @@ class Setup:
                 model=model, setup=self, history=ctx.history, optimizers=optimizers, accelerator=acc,
                 forward_model=eval_forward_model, loss_fn=loss_fn, metrics=valid_metrics or train_metrics,
                 total_time=time.perf_counter() - t0, status=ctx.status, context=ctx, distributed=ddp,
+                split_seed=split_seed,
             )
 
         try:
-            fit_loop(ctx)
+            with acc.run_context():  # Accelerator(deterministic=True): set for the fit, restored after
+                fit_loop(ctx)
         except NonFiniteLossError as e:
             e.fitted = fitted()  # the model at the last good step: the run is not lost
             raise
@@ -280,7 +303,7 @@ def _distributed(acc: Accelerator, seed: int | None) -> Any:
 
 
 def _sources(
-    data: Any, valid_data: Any, options: Mapping[str, Any] | None, seed: int | None
+    data: Any, valid_data: Any, options: Mapping[str, Any] | None, seed: int | None, sample_weight: Any = None
 ) -> tuple[BatchSource, BatchSource | None]:
     """The training and validation sources. ``seed`` draws a ``valid_data`` fraction's split: under torchrun it
     is the seed every rank agreed on, so all ranks hold out the same samples."""
@@ -288,9 +311,9 @@ def _sources(
         raise DataError("fit() needs training data: a DataLoader, a Dataset or (x, y) tensors/arrays.")
     if isinstance(valid_data, (float, int, np.floating, np.integer)) and not isinstance(valid_data, bool):
         gen = torch.Generator()
-        gen.manual_seed(seed if seed is not None else int(torch.randint(2**62, ()).item()))
-        return split_valid(data, float(valid_data), generator=gen, options=options)
-    train_src = make_source(data, train=True, options=options, what="training data")
+        gen.manual_seed(seed if seed is not None else int(torch.randint(2**62, ()).item()))  # see _split_seed
+        return split_valid(data, float(valid_data), generator=gen, options=options, sample_weight=sample_weight)
+    train_src = make_source(data, train=True, options=options, what="training data", sample_weight=sample_weight)
     if valid_data is None:
         return train_src, None
     valid_opts = {**options, "shuffle": False, "drop_last": False} if options else None
@@ -304,6 +327,72 @@ def _sources(
         )
         valid_opts = None
     return train_src, make_source(valid_data, train=False, options=valid_opts, what="validation data")
+
+
+def _is_fraction(valid_data: Any) -> bool:
+    return isinstance(valid_data, (float, int, np.floating, np.integer)) and not isinstance(valid_data, bool)
+
+
+def _split_seed(valid_data: Any, seed: int | None, previous: Fitted | None) -> int | None:
+    """The seed of a ``valid_data`` fraction's split: ``seed``; else the one the fit being continued drew (the
+    same samples stay held out); else one drawn now from the global generator."""
+    if not _is_fraction(valid_data):
+        return seed
+    if seed is None and previous is not None:
+        seed = previous.split_seed
+    return seed if seed is not None else int(torch.randint(2**62, ()).item())
+
+
+def _load_optimizer_states(optimizers: Mapping[str, torch.optim.Optimizer], states: Any) -> None:
+    """Put saved optimizer states (``fitted.save(path, optimizer=True)``) into freshly built optimizers."""
+    if not states:
+        return
+    if set(states) != set(optimizers):
+        raise LanternaError(f"The saved optimizer states are for {sorted(states)}, but this setup builds "
+                            f"{sorted(optimizers)}; continue with the setup the model was saved with.")
+    for name, opt in optimizers.items():
+        try:
+            opt.load_state_dict(states[name])
+        except (ValueError, KeyError, TypeError) as e:
+            raise LanternaError(f"The saved state of optimizer {name!r} does not fit {type(opt).__name__} over "
+                                f"this model's parameters ({e}); continue with the setup it was saved with.") from e
+
+
+class _GoOn(Callback):
+    """Continues a fit (``Fitted.fit``): after every callback's ``on_fit_begin`` (so a new LRScheduler has made
+    its scheduler), puts back the schedulers' and the grad scaler's states of the fit that is continued."""
+
+    runs_last = True
+    order = 999  # before EarlyStopping, ModelCheckpoint and AutoResume
+
+    def __init__(self, state: Mapping[str, Any]) -> None:
+        self.state = state
+
+    def on_fit_begin(self, ctx: Context) -> None:
+        saved = self.state.get("schedulers") or []
+        if saved and len(saved) != len(ctx.schedulers):
+            warnings.warn(f"fitted.fit: the fit being continued had {len(saved)} scheduler(s) and this one has "
+                          f"{len(ctx.schedulers)}; their states are not carried over (pass the same "
+                          "LRScheduler callbacks to continue them).", stacklevel=2)
+        else:
+            for scheduler, (cls_name, sched_state) in zip(ctx.schedulers, saved):
+                if type(scheduler).__name__ != cls_name:
+                    raise LanternaError(f"fitted.fit: the fit being continued stepped a {cls_name}, this one a "
+                                        f"{type(scheduler).__name__}; pass the same LRScheduler to continue it.")
+                scheduler.load_state_dict(sched_state)
+        if ctx.scaler is not None and self.state.get("scaler"):
+            ctx.scaler.load_state_dict(self.state["scaler"])
+
+
+def _go_on(ctx: Context, previous: Fitted, state: Mapping[str, Any]) -> Callback:
+    """Number the new epochs on from ``previous``'s and carry its history and step count; the callback that
+    restores its schedulers and scaler once the new callbacks are set up."""
+    start = int(previous.history[-1]["epoch"]) if previous.history else 0
+    ctx.start_epoch = start
+    ctx.min_epochs, ctx.max_epochs = ctx.min_epochs + start, ctx.max_epochs + start
+    ctx.history = list(previous.history)
+    ctx.step = int(state.get("step") or 0)
+    return _GoOn(state)
 
 
 def _merge_callbacks(defaults: list[Callback], user: Any) -> list[Callback]:

@@ -22,8 +22,9 @@ from .api import Setup
 from .core.accelerator import Accelerator
 from .core.losses import build_loss
 from .errors import ArtifactError, LanternaError
-from .io.artifact import find_unrestored, load_weights_strict, resolve_class
+from .io.encoding import find_unrestored
 from .io.fitted import read_fitted
+from .io.resolve import load_weights_strict, resolve_class
 from .results import Fitted
 
 __all__ = ["load_fitted"]
@@ -174,4 +175,18 @@ def load_fitted(
     history = [dict(r) for r in (meta.get("history") or [])]
     return Fitted(model, setup, history, accelerator=acc, forward_model=forward_model, loss_fn=loss_fn,
                   metrics=list(metrics), total_time=float(meta.get("total_time") or 0.0),
-                  status=str(meta.get("status") or "loaded"))
+                  status=str(meta.get("status") or "loaded"), saved_state=_training_state(meta))
+
+
+def _training_state(meta: Mapping[str, Any]) -> dict[str, Any] | None:
+    """What ``fitted.save(path, optimizer=True)`` kept for ``ln.load(path).fit(...)``: plain data (state dicts of
+    tensors and numbers), loaded into optimizers and schedulers the setup builds, never called."""
+    state = meta.get("training_state")
+    if not isinstance(state, Mapping):
+        return None
+    missing = find_unrestored(state, "training_state")
+    if missing:
+        warnings.warn(f"ln.load: the saved training state is incomplete ({'; '.join(missing)}); fit() starts "
+                      "the optimizers afresh.", stacklevel=3)
+        return None
+    return dict(state)

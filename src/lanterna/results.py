@@ -75,6 +75,8 @@ class Fitted:
         status: str = "completed",
         context: Context | None = None,
         distributed: Any = None,
+        split_seed: int | None = None,
+        saved_state: Mapping[str, Any] | None = None,
     ) -> None:
         self.model = model.eval()
         self.setup = setup
@@ -88,6 +90,8 @@ class Fitted:
         self.status = status
         self.context = context
         self.distributed = distributed  # under torchrun: predict/evaluate shard and gather
+        self.split_seed = split_seed  # the seed of a valid_data fraction's split (a continued fit reuses it)
+        self._saved_state = dict(saved_state or {})  # ln.load of fitted.save(path, optimizer=True)
 
     @property
     def hparams(self) -> dict[str, Any]:
@@ -96,6 +100,67 @@ class Fitted:
     @property
     def opt_hparams(self) -> dict[str, Any]:
         return dict(self.setup.opt_hparams) if self.setup is not None else {}
+
+    # ------------------------------------------------------------------ training on
+    def fit(
+        self,
+        data: Any,
+        *,
+        epochs: int | tuple[int, int] = 10,
+        valid_data: Any = None,
+        callbacks: Sequence[Callback] | None = None,
+        verbose: bool | None = None,
+        accelerator: Accelerator | None = None,
+        dataloader_options: Mapping[str, Any] | None = None,
+        seed: int | None = None,
+        sample_weight: Any = None,
+    ) -> Fitted:
+        """Train this model ``epochs`` more epochs and return a new :class:`Fitted`: the same model (trained in
+        place, as Keras does), its optimizers, its schedulers' and grad scaler's states go on; epochs are
+        numbered on from the last one and the history is appended. Callbacks are given anew (pass the same
+        ``LRScheduler`` to continue its schedule). Without ``seed`` the random generators go on too, so two calls
+        of 3 epochs end with the weights of one call of 6 (CPU); a ``valid_data`` fraction holds out the same
+        samples as before. A model from ``ln.load`` continues when it was saved with ``optimizer=True``.
+
+        Args:
+            data, epochs, valid_data, callbacks, verbose, accelerator, dataloader_options, seed, sample_weight: as
+                in ``Setup.fit``; ``epochs`` counts the new epochs (``(min, max)`` too).
+
+        >>> import lanterna as ln, torch
+        >>> from torch import nn
+        >>> x, y = torch.randn(64, 3), torch.randn(64, 1)
+        >>> setup = ln.setup(nn.Linear, loss=nn.MSELoss()).set_hparams(in_features=3, out_features=1)
+        >>> more = setup.fit((x, y), epochs=2, verbose=False).fit((x, y), epochs=3, verbose=False)
+        >>> [h["epoch"] for h in more.history]
+        [1, 2, 3, 4, 5]
+        """
+        if self.setup is None:
+            raise LanternaError("This Fitted has no setup to train on with (it was built by hand); fit it with "
+                                "ln.setup(...).fit, or load it with ln.load(path).")
+        return self.setup._fit(data, epochs=epochs, valid_data=valid_data, callbacks=callbacks, verbose=verbose,
+                               accelerator=accelerator, dataloader_options=dataloader_options, seed=seed,
+                               sample_weight=sample_weight, previous=self)
+
+    def training_state(self) -> dict[str, Any]:
+        """What :meth:`fit` continues from and ``save(path, optimizer=True)`` stores: the optimizers' state
+        dicts, the schedulers' (class name and state dict), the grad scaler's and the optimizer step count.
+
+        >>> import lanterna as ln, torch
+        >>> from torch import nn
+        >>> fitted = ln.setup(nn.Linear, loss=nn.MSELoss()).set_hparams(in_features=3, out_features=1).fit(
+        ...     (torch.randn(8, 3), torch.randn(8, 1)), epochs=1, verbose=False)
+        >>> sorted(fitted.training_state()), fitted.training_state()["step"]
+        (['optimizers', 'scaler', 'schedulers', 'step'], 1)
+        """
+        ctx = self.context
+        if ctx is None:
+            return dict(self._saved_state)
+        return {
+            "optimizers": {name: opt.state_dict() for name, opt in ctx.optimizers.items()},
+            "schedulers": [(type(s).__name__, s.state_dict()) for s in ctx.schedulers],
+            "scaler": ctx.scaler.state_dict() if ctx.scaler is not None else None,
+            "step": ctx.step,
+        }
 
     # ------------------------------------------------------------------ inference
     def _context(self, callbacks: Sequence[Callback] | None, builtin: Sequence[Callback] = ()) -> Context:
@@ -111,8 +176,9 @@ class Fitted:
         ctx.stepper = Stepper(ctx)
         return ctx
 
-    def _source(self, data: Any, options: Mapping[str, Any] | None, what: str) -> Any:
-        source = make_source(data, train=False, options=options, what=what)  # warns on shuffle / drop_last
+    def _source(self, data: Any, options: Mapping[str, Any] | None, what: str, sample_weight: Any = None) -> Any:
+        source = make_source(data, train=False, options=options, what=what,  # warns on shuffle / drop_last
+                             sample_weight=sample_weight)
         if self.distributed is not None:
             source = self.distributed.shard(source, train=False)
         return source.to_device(self.accelerator.device)
@@ -146,7 +212,7 @@ class Fitted:
         ctx.set_name, ctx.num_batches = "predict", source.num_batches()
         try:
             hooks.on_predict_begin(ctx)
-            with torch.no_grad():
+            with torch.no_grad(), self.accelerator.run_context():
                 for i, batch in enumerate(source, 1):
                     ctx.iter, ctx.batch = i, batch
                     ctx.input, ctx.target = split_batch(batch)
@@ -169,6 +235,7 @@ class Fitted:
     def evaluate(
         self, data: Any, *, metrics: Sequence[Any] | None = None,
         dataloader_options: Mapping[str, Any] | None = None, callbacks: Sequence[Callback] | None = None,
+        sample_weight: Any = None,
     ) -> Evaluation:
         """Loss and metrics over all of ``data`` (sample-weighted, exact) → :class:`Evaluation`.
 
@@ -180,6 +247,7 @@ class Fitted:
             metrics: replaces the fit's metrics for this evaluation.
             dataloader_options: options where lanterna builds the loader (``batch_size`` ...).
             callbacks: ``ln.Callback`` objects; they get the ``on_valid_*`` hooks.
+            sample_weight: one non-negative weight per sample of ``data``: weighted loss and metrics.
 
         >>> import lanterna as ln, torch
         >>> from torch import nn
@@ -188,7 +256,7 @@ class Fitted:
         >>> torch.isclose(torch.tensor(result["loss"]), model(x).detach().pow(2).mean())
         tensor(True)
         """
-        source = self._source(data, dataloader_options, "evaluation data")
+        source = self._source(data, dataloader_options, "evaluation data", sample_weight)
         metric_list = self.metrics if metrics is None else metrics
         metrics_cb = MetricsCallback([], split_metric_spec(metric_list)[1])
         ctx = self._context(callbacks, [metrics_cb])
@@ -196,7 +264,8 @@ class Fitted:
         metrics_cb.on_fit_begin(ctx)
         ctx.record = {}
         try:
-            run_phase(ctx, training=False)
+            with self.accelerator.run_context():
+                run_phase(ctx, training=False)
         finally:
             source.close()
         self.model.eval()
@@ -230,7 +299,7 @@ class Fitted:
         return plot_history(self.history, metrics=metrics)
 
     # ------------------------------------------------------------------ files (docs/saving.md)
-    def save(self, path: str | os.PathLike[str]) -> Path:
+    def save(self, path: str | os.PathLike[str], optimizer: bool = False) -> Path:
         """Save the weights (safetensors, with a SHA-256 checksum) and metadata (JSON: module import path,
         hparams, opt_hparams, optimizer, loss, metrics, history, versions) to the folder ``path`` (or one
         ``.safetensors`` file); reload with ``ln.load(path)``. Tuples, NaN/Inf, tensors, dtypes and module
@@ -240,6 +309,8 @@ class Fitted:
 
         Args:
             path: a folder (created if needed), or a file name ending in ``.safetensors``.
+            optimizer: also keep the optimizers', schedulers' and grad scaler's states
+                (:meth:`training_state`), so that ``ln.load(path).fit(...)`` continues training.
 
         Returns:
             The path written.
@@ -253,7 +324,7 @@ class Fitted:
         """
         from .io.fitted import save_fitted  # below this module (lanterna.io imports nothing above it)
 
-        return save_fitted(self, path)
+        return save_fitted(self, path, training_state=self.training_state() if optimizer else None)
 
     def export(self, path: str | os.PathLike[str], example_input: Any, format: str = "onnx",
                **options: Any) -> Path:

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from conftest import luz_net_setup, make_luz_data
 from torch import nn
 
 import lanterna as ln
@@ -157,3 +158,18 @@ def test_accepted_argument_forms():
     assert ln.callbacks.GradientClip(1.0, norm_type="inf").norm_type == float("inf")
     assert ln.callbacks.GradientClip(1.0, norm_type="INF").norm_type == float("inf")
     assert ln.callbacks.GradientClip(1.0, norm_type=1).norm_type == 1.0
+
+
+def test_gradient_clip_limits_the_norm_the_optimizer_sees():
+    norms = []
+
+    class Late(ln.Callback):
+        order = 1000  # after GradientClip's documented order
+
+        def on_train_batch_before_step(self, ctx):
+            norms.append(float(torch.nn.utils.get_total_norm([p.grad for p in ctx.model.parameters()])))
+
+    x, y = make_luz_data(64)
+    y = y * 100  # big gradients
+    luz_net_setup().fit((x, y), epochs=1, verbose=False, callbacks=[ln.callbacks.GradientClip(max_norm=0.5), Late()])
+    assert norms and max(norms) <= 0.5 + 1e-4

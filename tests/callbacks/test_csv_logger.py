@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import luz_net_setup, make_luz_data
 from torch import nn
 
 import lanterna as ln
@@ -184,3 +185,27 @@ def test_the_check_at_fit_begin_leaves_an_existing_log_to_resume_untouched(tmp_p
         _setup().fit(_data(), epochs=3, verbose=False,
                      callbacks=[FakeResume(first.history), ln.callbacks.CSVLogger(path), Stop()])
     assert path.read_text() == before and sorted(p.name for p in tmp_path.iterdir()) == ["h.csv"]
+
+
+def test_csv_logger_appends_on_resume(tmp_path):
+    pd = pytest.importorskip("pandas")
+    x, y = make_luz_data(64)
+    csv = tmp_path / "log.csv"
+
+    class Crash(ln.Callback):
+        def on_epoch_begin(self, ctx):
+            if ctx.epoch == 3:
+                raise RuntimeError("simulated crash")
+
+    def run(extra=()):
+        return luz_net_setup().fit((x, y), epochs=4, seed=0, verbose=False,
+                               callbacks=[ln.callbacks.AutoResume(tmp_path / "state"), ln.callbacks.CSVLogger(csv),
+                                          *extra])
+
+    with pytest.raises(Exception, match="simulated crash"):
+        run([Crash()])
+    assert len(pd.read_csv(csv)) == 2
+    f = run()
+    df = pd.read_csv(csv)
+    assert list(df["epoch"]) == [1, 2, 3, 4]
+    assert list(df["train_loss"]) == pytest.approx([h["train_loss"] for h in f.history])

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
+from conftest import frozen_setup, make_luz_data
 from torch import nn
 
 import lanterna as ln
@@ -135,3 +138,25 @@ def test_custom_step_logged_monitor_is_checked_after_the_first_epoch():
     with pytest.raises(ln.MonitorError, match=r"'train_custom'.*Pass mode='min' or mode='max'"):
         ln.setup(Custom).fit((x, y), epochs=3, verbose=False,
                              callbacks=[ln.callbacks.EarlyStopping("train_custom")])
+
+
+def test_early_stopping_defaults_and_epoch_lines_with_min_max(capsys):
+    """EarlyStopping() defaults: monitor valid_loss, patience 0 → stops at the first epoch that does not improve."""
+    x, y = make_luz_data(128)
+    xv, yv = make_luz_data(64, seed=1)
+    es = ln.callbacks.EarlyStopping()
+    fired = []
+
+    class OnES(ln.Callback):
+        def on_early_stopping(self, ctx):
+            fired.append(ctx.epoch)
+
+    f = frozen_setup().fit((x, y), epochs=10, valid_data=(xv, yv), callbacks=[es, OnES()])
+    out = capsys.readouterr().out
+    assert len(f.history) == 2 and fired == [2]
+    assert "Epoch 1/10" in out and "Early stopping at epoch 2 of 10" in out
+
+    f = frozen_setup().fit((x, y), epochs=(3, 10), valid_data=(xv, yv), callbacks=[ln.callbacks.EarlyStopping()])
+    out = capsys.readouterr().out
+    assert re.findall(r"^Epoch \d+/\d+$", out, re.M) == ["Epoch 1/10", "Epoch 2/10", "Epoch 3/10"]
+    assert out.rstrip().endswith("Early stopping at epoch 3 of 10")

@@ -6,6 +6,8 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
+from conftest import linear_setup
 from torch import nn
 
 import lanterna as ln
@@ -55,3 +57,63 @@ def test_can_be_disabled():
         (x, y), epochs=2, verbose=False, dataloader_options={"batch_size": 16},
         callbacks=[ln.callbacks.TerminateOnNaN(enabled=False), PoisonBatch(1, 1, float("nan"))])
     assert fitted.status == "completed" and len(fitted.history) == 2
+
+
+# ---------------------------------------------------------------------------- from issue 11
+
+
+class SqrtAtZero:
+    """MSE plus sqrt(0·Σpred) from the third call on: the loss stays finite, its gradient is NaN."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, pred, target):
+        self.calls += 1
+        loss = F.mse_loss(pred, target)
+        if self.calls >= 3:
+            loss = loss + torch.sqrt(pred.sum() * 0.0)
+        return loss
+
+
+def test_a_nan_gradient_of_a_finite_loss_stops_before_the_step_with_the_fitted_so_far():
+    x, y = torch.randn(64, 3), torch.randn(64, 1)
+    with pytest.raises(ln.NonFiniteLossError, match=r"gradient is NaN/Inf at epoch 1, batch 3.*is finite") as info:
+        linear_setup(loss=SqrtAtZero(), optimizer=torch.optim.SGD).set_opt_hparams(lr=0.1).fit(
+            (x, y), epochs=2, seed=0, verbose=False, dataloader_options={"batch_size": 16, "shuffle": False})
+    fitted = info.value.fitted
+    assert isinstance(fitted, ln.Fitted) and fitted.history == []
+    torch.manual_seed(0)
+    ref = nn.Linear(3, 1)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for lo in (0, 16):  # the two good steps
+        opt.zero_grad()
+        F.mse_loss(ref(x[lo:lo + 16]), y[lo:lo + 16]).backward()
+        opt.step()
+    for p, q in zip(fitted.model.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
+        assert torch.isfinite(p).all()
+
+
+def test_a_nan_loss_error_carries_the_fitted_with_the_finished_epochs():
+    class NanInEpoch2:
+        def __init__(self):
+            self.calls = 0
+
+        def __call__(self, p, t):
+            self.calls += 1
+            return F.mse_loss(p, t) * (float("nan") if self.calls > 4 else 1.0)
+
+    x, y = torch.randn(64, 3), torch.randn(64, 1)
+    with pytest.raises(ln.NonFiniteLossError, match="loss is NaN at epoch 2, batch 1") as info:
+        linear_setup(loss=NanInEpoch2()).fit((x, y), epochs=3, verbose=False, dataloader_options={"batch_size": 16})
+    assert [r["epoch"] for r in info.value.fitted.history] == [1]
+
+
+def test_gradient_check_can_be_turned_off():
+    x, y = torch.randn(64, 3), torch.randn(64, 1)
+    # without it the NaN gradient is applied, and only the next batch's loss shows it
+    with pytest.raises(ln.NonFiniteLossError, match="loss is NaN at epoch 1, batch 4") as info:
+        linear_setup(loss=SqrtAtZero()).fit((x, y), epochs=1, verbose=False, dataloader_options={"batch_size": 16},
+                                    callbacks=[ln.callbacks.TerminateOnNaN(check_gradients=False)])
+    assert not torch.isfinite(info.value.fitted.model.weight).all()

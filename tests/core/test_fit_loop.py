@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import Net, make_luz_data
+from conftest import Net, luz_net_setup, make_luz_data
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
@@ -227,3 +227,11 @@ def test_no_per_batch_device_syncs_in_the_training_hot_path(monkeypatch):
         return counts["n"]
 
     assert syncs(40) == syncs(4)
+
+
+def test_seeded_fits_are_reproducible():
+    x, y = make_luz_data(128)
+    a = luz_net_setup().fit((x, y), epochs=3, valid_data=0.2, seed=123, verbose=False)
+    b = luz_net_setup().fit((x, y), epochs=3, valid_data=0.2, seed=123, verbose=False)
+    assert [h["valid_loss"] for h in a.history] == [h["valid_loss"] for h in b.history]
+    torch.testing.assert_close(a.predict(x), b.predict(x), rtol=0, atol=0)

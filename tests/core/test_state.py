@@ -13,7 +13,7 @@ import lanterna as ln
 from lanterna.data import TensorBatches
 from lanterna.data.resume import SkipBatches
 from lanterna.io import load_checkpoint, read_artifact, save_checkpoint
-from lanterna.io.artifact import decode_json
+from lanterna.io.encoding import decode_json
 
 X, Y = make_luz_data(96)
 KEYS = ["format", "format_version", "model", "optimizers", "schedulers", "scaler", "epoch", "step", "stop_training",

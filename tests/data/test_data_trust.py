@@ -22,7 +22,7 @@ from torch.utils.data import (
 
 import lanterna as ln
 from lanterna.data import LoaderBatches, TensorBatches, make_source, split_valid, to_tensor_leaves
-from lanterna.data.adapters import loader_options
+from lanterna.data.options import loader_options
 from lanterna.errors import DataError, LanternaError
 
 

@@ -21,7 +21,7 @@ from torch import nn
 
 import lanterna as ln
 from lanterna.errors import DamagedArtifactError
-from lanterna.io.artifact import sniff
+from lanterna.io.artifact_read import sniff
 from lanterna.results import Fitted
 
 

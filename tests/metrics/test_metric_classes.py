@@ -10,7 +10,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import MLPClassifier, make_blobs
 from sklearn.metrics import accuracy_score, mean_absolute_error, mean_squared_error, roc_auc_score
+from torch import nn
 from torchmetrics.functional.classification import binary_auroc, multiclass_accuracy, multiclass_auroc
 
 import lanterna as ln
@@ -273,3 +275,90 @@ def test_multiclass_auroc_of_logits_is_that_of_their_softmax_as_in_torchmetrics(
     assert got == pytest.approx(float(multiclass_auroc(scores * 3, target, num_classes=4, thresholds=None)), rel=1e-6)
     probs = torch.softmax(scores * 3, dim=1)
     assert got == pytest.approx(roc_auc_score(target.numpy(), probs.numpy(), multi_class="ovr"), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------- from issue 11
+
+
+class CountBatches(ln.Callback):
+    def __init__(self):
+        self.n = 0
+
+    def on_train_batch_begin(self, ctx):
+        self.n += 1
+
+
+@pytest.mark.parametrize("target_shape", ["n1", "n"])
+def test_accuracy_on_one_logit_per_sample_fails_at_the_first_batch_and_names_the_binary_metric(target_shape):
+    x, _ = make_blobs(n=64)
+    y = (x[:, 0] > 0).float()
+    y = y.unsqueeze(1) if target_shape == "n1" else y
+    if target_shape == "n1":
+        loss = nn.BCEWithLogitsLoss()
+    else:
+        def loss(p, t):
+            return nn.functional.binary_cross_entropy_with_logits(p.squeeze(1), t)
+    setup = ln.setup(MLPClassifier, loss=loss, metrics=[ln.metrics.Accuracy()]).set_hparams(n_classes=1)
+    count = CountBatches()
+    with pytest.raises(ln.ShapeMismatchError, match=r"Metric 'acc' \(Accuracy\) of the train set failed in update "
+                                                    r"at batch 1 of epoch 1.*BinaryAccuracyWithLogits\(\)"):
+        setup.fit((x, y), epochs=1, verbose=False, callbacks=[count], dataloader_options={"batch_size": 16})
+    assert count.n == 1
+    # the fix named by the error gives the right value
+    fitted = (ln.setup(MLPClassifier, loss=nn.BCEWithLogitsLoss(), optimizer=torch.optim.SGD,
+                       metrics=[ln.metrics.BinaryAccuracyWithLogits()])
+              .set_hparams(n_classes=1).set_opt_hparams(lr=0.0).fit((x, y.reshape(-1, 1)), epochs=1, verbose=False))
+    with torch.no_grad():
+        expected = float(((fitted.model(x) > 0).float() == y.reshape(-1, 1)).double().mean())
+    assert fitted.history[0]["train_acc"] == pytest.approx(expected, abs=1e-7)
+
+
+def test_accuracy_refuses_float_predictions_of_the_targets_shape_and_mismatched_scores():
+    with pytest.raises(ln.ShapeMismatchError, match=r"float predictions.*BinaryAccuracy\(\)"):
+        ln.metrics.Accuracy().update(torch.randn(8), torch.randint(0, 2, (8,)))
+    with pytest.raises(ln.ShapeMismatchError, match=r"scores of shape \(8, 3\) do not fit targets of shape \(4,\)"):
+        ln.metrics.Accuracy().update(torch.randn(8, 3), torch.randint(0, 3, (4,)))
+    with pytest.raises(ln.ShapeMismatchError, match=r"targets of shape \(8, 1\) do not fit scores of shape \(8, 3\)"):
+        ln.metrics.MulticlassAUROC(3).update(torch.randn(8, 3), torch.randint(0, 3, (8, 1)))
+    with pytest.raises(ln.ShapeMismatchError, match=r"BinaryAUROC: predictions of shape \(8, 1\) and targets of "
+                                                    r"shape \(8,\)"):
+        ln.metrics.BinaryAUROC().update(torch.randn(8, 1), torch.randint(0, 2, (8,)))
+
+
+def test_accuracy_ignore_index_leaves_those_samples_out_like_torchmetrics():
+    g = torch.Generator().manual_seed(3)
+    scores, target = torch.randn(50, 4, generator=g), torch.randint(0, 4, (50,), generator=g)
+    target[torch.rand(50, generator=g) < 0.3] = -100
+    m = ln.metrics.Accuracy(ignore_index=-100)
+    for i in range(0, 50, 16):
+        m.update(scores[i:i + 16], target[i:i + 16])
+    keep = target != -100
+    by_hand = float((scores.argmax(1)[keep] == target[keep]).double().mean())
+    ref = multiclass_accuracy(scores, target, num_classes=4, average="micro", ignore_index=-100)
+    assert float(m.compute()) == pytest.approx(by_hand, abs=1e-7) == pytest.approx(float(ref), abs=1e-7)
+    # sequence outputs (N, C, L) against (N, L) with padding
+    seq, labels = torch.randn(6, 4, 5, generator=g), torch.randint(0, 4, (6, 5), generator=g)
+    labels[:, 3:] = -100
+    m.reset()
+    m.update(seq, labels)
+    keep = labels != -100
+    assert float(m.compute()) == pytest.approx(float((seq.argmax(1)[keep] == labels[keep]).double().mean()))
+
+
+def test_micro_auroc_is_that_of_the_flattened_one_vs_rest_scores_as_in_sklearn():
+    g = torch.Generator().manual_seed(4)
+    probs = torch.softmax(torch.randn(90, 4, generator=g) * 2, dim=1)
+    target = torch.randint(0, 4, (90,), generator=g)
+    probs[:10] = torch.round(probs[:10] * 4) / 4  # some ties
+    onehot = nn.functional.one_hot(target, 4).numpy()
+    expected = roc_auc_score(onehot, probs.numpy(), average="micro")
+    m = ln.metrics.MulticlassAUROC(num_classes=4, average="micro")
+    for i in range(0, 90, 32):
+        m.update(probs[i:i + 32], target[i:i + 32])
+    assert float(m.compute()) == pytest.approx(expected, rel=1e-6)
+    assert expected != pytest.approx(roc_auc_score(onehot, probs.numpy(), average="macro"), rel=1e-4)
+    logits = torch.randn(90, 4, generator=g) * 3  # logits: the AUROC of their softmax, as for macro
+    m.reset()
+    m.update(logits, target)
+    assert float(m.compute()) == pytest.approx(
+        roc_auc_score(onehot, torch.softmax(logits, dim=1).numpy(), average="micro"), rel=1e-6)

@@ -159,3 +159,43 @@ def test_the_counter_sees_a_loop_that_reads_every_batch():
     few, _ = _reads(seed_loop(2))
     many, _ = _reads(seed_loop(8))
     assert many["item"] - few["item"] == 6
+
+
+@pytest.mark.parametrize("form", ["tensors", "dataloader"])
+def test_ema_with_its_defaults_reads_nothing_per_batch(form):
+    """EMA (issue 14): the per-step update is a fused lerp on the device; validating with the averaged weights
+    swaps them in and out once per epoch. torch's ``AveragedModel.update_parameters`` would read its counter on
+    the host every step (and, being in torch/optim/, escape this counter): lanterna does not call it per step."""
+
+    def run(batches: int):
+        x, y = make_luz_data(n=16 * 20)
+        bs = 256 // batches
+        setup = ln.setup(Net, loss=nn.MSELoss(), metrics=[ln.metrics.MAE()])
+        train = (x[:256], y[:256]) if form == "tensors" else DataLoader(TensorDataset(x[:256], y[:256]),
+                                                                          batch_size=bs, shuffle=True)
+        opts = {"batch_size": bs} if form == "tensors" else None
+        return lambda: setup.fit(train, epochs=2, valid_data=(x[256:], y[256:]), verbose=False, seed=0,
+                                 dataloader_options=opts, callbacks=[ln.callbacks.EMA()])
+
+    few, _ = _reads(run(4))
+    many, where = _reads(run(16))
+    assert many == few, f"host reads grow with the number of batches: {few} → {many}; {where.most_common(6)}"
+
+
+@pytest.mark.parametrize("feature", ["sample_weight", "mixup"])
+def test_sample_weights_and_mixup_read_nothing_per_batch(feature):
+    """Sample weights (a per-sample loss weighted on the device) and Mixup (λ and the permutation drawn on the
+    device) add no host read per batch (issue 14)."""
+
+    def run(batches: int):
+        x, y = make_luz_data(n=16 * 20)
+        bs = 256 // batches
+        setup = ln.setup(Net, loss=nn.MSELoss(), metrics=[ln.metrics.MAE()])
+        extra = ({"sample_weight": torch.rand(256, generator=torch.Generator().manual_seed(0))}
+                 if feature == "sample_weight" else {"callbacks": [ln.callbacks.Mixup()]})
+        return lambda: setup.fit((x[:256], y[:256]), epochs=2, valid_data=(x[256:], y[256:]), verbose=False, seed=0,
+                                 dataloader_options={"batch_size": bs}, **extra)
+
+    few, _ = _reads(run(4))
+    many, where = _reads(run(16))
+    assert many == few, f"host reads grow with the number of batches: {few} → {many}; {where.most_common(6)}"

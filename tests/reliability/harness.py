@@ -312,14 +312,8 @@ def record(group: str, row: Row, outcome: Outcome) -> None:
         f.write(line + "\n")
 
 
-#: Rows for features that a later issue delivers (API.md §1 ``sample_weight``, §3 ``Fitted.fit``, §7
-#: ``save(optimizer=True)``: issue 14). Strict: each must flip to passing when the feature lands.
-LATER = {
-    "fit-sample_weight-length": "issue 14: fit(sample_weight=)",
-    "fit-sample_weight-negative": "issue 14: fit(sample_weight=)",
-    "roundtrip-optimizer-state": "issue 14: fitted.save(path, optimizer=True)",
-    "json-optimizer-subprocess:Popen": "issue 14: Fitted.fit (continue training a loaded model)",
-}
+#: Rows for features a later issue delivers, as strict xfails (each must flip to passing when it lands); none now.
+LATER: dict[str, str] = {}
 
 
 def params(rows: list[Row]) -> list[Any]:

@@ -13,6 +13,9 @@ The epoch's ``<set>_loss`` is ``Σ w·loss / Σ w`` over the batches, where ``w`
 ``ctx.loss_weight`` when the step sets it (the denominator of a batch's weighted mean loss: class weights,
 ``ignore_index``), so the epoch value equals the loss of the whole set in one call. A metric that returns a dict
 (``ClasswiseWrapper``, ``MetricCollection``) logs each entry as ``<set>_<name>_<entry>``.
+
+(Over 350 lines on purpose: the buffering, the first-batch checks, the epoch reduction and the mid-epoch state
+are one mechanism over the same buffers; split, each part would reach into the others' state.)
 """
 
 from __future__ import annotations
@@ -85,6 +88,17 @@ class MetricsCallback(Callback):
         for pairs in self.sets.values():
             names.update({k: metric_display(m, k) for k, m in pairs})
         ctx.display_names = {**ctx.display_names, **names}
+        weighted = {"train": ctx.train_data is not None and ctx.train_data.weighted,
+                    "valid": ctx.valid_data is not None and ctx.valid_data.weighted}
+        for set_name, pairs in self.sets.items():
+            for key, m in pairs:
+                if weighted[set_name] and not getattr(m, "supports_weight", False):
+                    raise LanternaError(
+                        f"Metric {key!r} ({type(m).__name__}) cannot take sample weights, and the "
+                        f"{'training' if set_name == 'train' else 'validation'} data has them (sample_weight=). "
+                        "Use ln.metrics (MAE, MSE, RMSE, the accuracies, the AUROCs), or a LanternaMetric whose "
+                        "update(pred, target, weight) takes them (supports_weight = True)."
+                    )
         ctx.metrics = {s: [m for _, m in pairs] for s, pairs in self.sets.items()}
         ctx.metric_names = {s: [k for k, _ in pairs] for s, pairs in self.sets.items()}
         # CUDA graphs (compile mode "reduce-overhead") overwrite a step's outputs at the next step: no buffering
@@ -142,17 +156,20 @@ class MetricsCallback(Callback):
             if self._direct:
                 self._first_batch(ctx)
                 return
-            pred, target = ctx.pred, ctx.target
+            pred, target, weight = ctx.pred, ctx.target, ctx.sample_weight
             n = 0
             for key, m, out, pending in self._slots:
-                p, t = _select(pred, out).detach(), _select(target, out)
+                args = (_select(pred, out).detach(), _select(target, out))
+                if weight is not None:
+                    args += (weight,)
                 if pending is None:
                     try:
-                        m.update(p, t)
+                        m.update(*args)
                     except Exception as e:
                         raise self._failure(key, m, "update", f"batch {ctx.iter}", e) from e
                 else:
-                    pending.append((p, t))
+                    p = args[0]
+                    pending.append(args)
                     n = len(pending)
                     self._pending_elements += p.numel()
             if n >= FLUSH_BATCHES or self._pending_elements >= FLUSH_ELEMENTS:
@@ -169,9 +186,10 @@ class MetricsCallback(Callback):
         pred, target = ctx.pred, ctx.target
         where = f"batch {ctx.iter}"
         keys = {"loss"}
+        weight = () if ctx.sample_weight is None else (ctx.sample_weight,)
         for key, m, out, _ in self._slots:
             try:
-                m.update(_select(pred, out).detach(), _select(target, out))
+                m.update(_select(pred, out).detach(), _select(target, out), *weight)
             except Exception as e:
                 raise self._failure(key, m, "update", where, e) from e
             try:
@@ -256,14 +274,13 @@ class MetricsCallback(Callback):
                 if len(pending) == 1:
                     m.update(*pending[0])
                 else:
-                    try:
-                        preds = torch.cat([p for p, _ in pending])
-                        targets = torch.cat([t for _, t in pending])
+                    try:  # (pred, target) or, with sample weights, (pred, target, weight)
+                        parts = [torch.cat(column) for column in zip(*pending)]
                     except (RuntimeError, TypeError):  # batches that do not concatenate (varying trailing sizes)
-                        for p, t in pending:
-                            m.update(p, t)
+                        for args in pending:
+                            m.update(*args)
                     else:
-                        m.update(preds, targets)
+                        m.update(*parts)
             except Exception as e:
                 raise self._failure(key, m, "update", where, e) from e
             pending.clear()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -15,6 +17,9 @@ from ..errors import LanternaError
 __all__ = ["Accelerator", "default_device"]
 
 _PRECISIONS = {"32": None, "32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+_CUBLAS_VAR = "CUBLAS_WORKSPACE_CONFIG"
+_NO_DETERMINISTIC = re.compile(r"(\S+) does not have a deterministic implementation")
+_CUBLAS_DETERMINISTIC = (":4096:8", ":16:8")  # the values with which cuBLAS is deterministic
 _DEVICE_HINTS = {"gpu": "cuda", "nvidia": "cuda", "rocm": "cuda", "metal": "mps", "apple": "mps"}
 _PRECISION_HINTS = {"bf16": "bf16-mixed", "bfloat16": "bf16-mixed", "16": "16-mixed", "fp16": "16-mixed",
                     "float16": "16-mixed", "half": "16-mixed", "fp32": "32", "float32": "32"}
@@ -95,6 +100,19 @@ class Accelerator:
         compile: ``True`` or a dict of ``torch.compile`` options, for training and inference.
         strategy: ``None`` / ``"auto"``: DDP when launched by torchrun with WORLD_SIZE > 1 (one process
             otherwise); ``"ddp"`` the same; ``"none"``: never distribute, even under torchrun.
+        deterministic: ``True``: for the duration of each fit (and of ``predict`` / ``evaluate``), torch's
+            deterministic algorithms (``torch.use_deterministic_algorithms(True)``), cuDNN benchmarking off and
+            ``CUBLAS_WORKSPACE_CONFIG=:4096:8``; all three are restored afterwards, also when fit fails. An op
+            with no deterministic implementation is then an error naming it; ``"warn"`` warns instead.
+            Pass ``seed=`` to fit as well: this switch does not seed.
+
+    >>> import torch
+    >>> acc = ln.Accelerator(device="cpu", deterministic=True)
+    >>> with acc.run_context():
+    ...     torch.are_deterministic_algorithms_enabled()
+    True
+    >>> torch.are_deterministic_algorithms_enabled()
+    False
     """
 
     def __init__(
@@ -103,6 +121,7 @@ class Accelerator:
         precision: str = "32",
         compile: bool | dict[str, Any] = False,
         strategy: str | None = None,
+        deterministic: bool | str = False,
     ) -> None:
         if str(precision) not in _PRECISIONS:
             hint = _PRECISION_HINTS.get(str(precision).lower().replace("_", "-"))
@@ -111,6 +130,9 @@ class Accelerator:
                 + (f" (did you mean precision={hint!r}?)" if hint else "") + "."
             )
         precision = str(precision)
+        if deterministic not in (True, False, "warn"):
+            raise LanternaError(f"Accelerator(deterministic={deterministic!r}): use True, False or 'warn' "
+                                "(deterministic algorithms, warning instead of failing on ops that have none).")
         if strategy not in (None, "auto", "ddp", "none"):
             raise LanternaError(f"strategy={strategy!r} is not one of None, 'auto', 'ddp', 'none'.")
         self.device = _checked_device(device) if device is not None else default_device()
@@ -120,9 +142,44 @@ class Accelerator:
         self.compile = compile
         self.strategy = strategy
         self.amp_dtype = _PRECISIONS[precision]
+        self.deterministic = deterministic
 
     def __repr__(self) -> str:
-        return f"Accelerator(device={str(self.device)!r}, precision={self.precision!r}, compile={self.compile!r})"
+        extra = f", deterministic={self.deterministic!r}" if self.deterministic else ""
+        return (f"Accelerator(device={str(self.device)!r}, precision={self.precision!r}, compile={self.compile!r}"
+                f"{extra})")
+
+    @contextlib.contextmanager
+    def run_context(self) -> Iterator[None]:
+        """The global settings of a fit (``deterministic``), put back as they were when it ends, also on an
+        error. Nothing is changed when ``deterministic`` is False."""
+        if not self.deterministic:
+            yield
+            return
+        saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+                 torch.backends.cudnn.benchmark, os.environ.get(_CUBLAS_VAR))
+        torch.use_deterministic_algorithms(True, warn_only=self.deterministic == "warn")
+        torch.backends.cudnn.benchmark = False
+        if saved[3] not in _CUBLAS_DETERMINISTIC:  # keep a user's own deterministic setting (":16:8")
+            os.environ[_CUBLAS_VAR] = ":4096:8"
+        try:
+            yield
+        except Exception as e:  # torch's own error, or lanterna's first-batch error around it
+            found = _NO_DETERMINISTIC.search(str(e))
+            if found is None or self.deterministic == "warn":
+                raise
+            raise LanternaError(
+                f"Accelerator(deterministic=True): the op {found.group(1)} has no deterministic implementation in "
+                "torch, so this fit cannot be deterministic. Use another op, or Accelerator(deterministic='warn') "
+                "to warn instead of failing (that op then stays non-deterministic), or deterministic=False."
+            ) from e
+        finally:
+            torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+            torch.backends.cudnn.benchmark = saved[2]
+            if saved[3] is None:
+                os.environ.pop(_CUBLAS_VAR, None)
+            else:
+                os.environ[_CUBLAS_VAR] = saved[3]
 
     @property
     def non_blocking(self) -> bool:

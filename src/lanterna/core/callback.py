@@ -35,9 +35,10 @@ class Callback:
     ``ctx.step_optimizer``.
 
     Callbacks run in ascending ``order`` (default 0); ties keep the order they were given in. Built-ins:
-    TerminateOnNaN -1000, GradientAccumulation -500, MetricsCallback -100, ProgressPrinter 50,
-    GradientClip 100, LRScheduler 500, CSVLogger and TensorBoard 600, KeepBestModel 700, LRRecorder and
-    OptunaPruning 900, EarlyStopping 1000, ModelCheckpoint 1100, AutoResume 1200: metrics before yours,
+    TerminateOnNaN -1000, LimitBatches / FastDevRun / OverfitBatches -900, GradientAccumulation -500,
+    MetricsCallback -100, Mixup 0, ProgressPrinter 50, GradientClip 100, EMA 300, LRScheduler 500, SWA 550,
+    CSVLogger and TensorBoard 600, KeepBestModel 700, LRRecorder and OptunaPruning 900, ResumeFromCheckpoint 999,
+    EarlyStopping 1000, ModelCheckpoint 1100, AutoResume 1200: metrics before yours,
     yours before the scheduler, loggers and checkpoints, so that a checkpoint sees the epoch's final state.
     Those last three set ``runs_last = True``: they run after every other callback whatever its ``order``
     (and among themselves by ``order``).

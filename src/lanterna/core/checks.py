@@ -270,11 +270,14 @@ def check_first_batch(ctx: Any, source: Any) -> None:
         return
     from ..data import split_batch
 
+    weight = None
+    if source.weighted:
+        batch, weight = batch
     inputs, target = split_batch(batch)
     model = ctx.model
     training, mode = ctx.training, model.training
     buffers = [(b, b.detach().clone()) for b in model.buffers()]  # a forward with side effects (counters)
-    ctx.training, ctx.set_name = False, ctx.valid_name
+    ctx.training, ctx.set_name, ctx.sample_weight = False, ctx.valid_name, weight
     model.eval()
     try:
         with torch.no_grad():
@@ -284,7 +287,7 @@ def check_first_batch(ctx: Any, source: Any) -> None:
     finally:
         ctx.training = training
         model.train(mode)
-        ctx.loss_weight = None
+        ctx.loss_weight = ctx.sample_weight = None
         with torch.no_grad():
             for b, saved in buffers:
                 b.copy_(saved)

@@ -33,7 +33,7 @@ class Context:
     - data and bounds: ``train_data, valid_data, valid_name, min_epochs, max_epochs, start_epoch, num_batches``;
     - where the loop is: ``epoch`` (1-based), ``iter`` (1-based in the phase), ``step`` (optimizer steps so far),
       ``training, set_name, status, stop_training, interrupted, accumulating, current_opt``;
-    - the batch: ``batch, input, target, pred, loss, loss_weight, backward_loss, batch_size``;
+    - the batch: ``batch, input, target, sample_weight, pred, loss, loss_weight, backward_loss, batch_size``;
     - what is recorded: ``metrics, metric_names, display_names, history, record`` (the current epoch's entry),
       ``verbose, hooks``; the processes: ``world`` (``rank, world_size, is_main``; ``dist`` under torchrun).
 
@@ -94,6 +94,7 @@ class Context:
     # Σ class weights of the targets for CrossEntropyLoss(weight=...), the non-ignored count for ignore_index)
     loss_weight: Tensor | None = None
     backward_loss: Tensor | None = None  # what ctx.backward differentiates; a callback may rescale it
+    sample_weight: Tensor | None = None  # the batch's sample weights (fit(sample_weight=...)), on the device
     batch_size: int = 0
     # ------------------------------------------------------------------ what is recorded
     metrics: dict[str, list[Any]] = dataclasses.field(default_factory=lambda: {"train": [], "valid": []})

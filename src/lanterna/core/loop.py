@@ -34,12 +34,16 @@ def run_phase(ctx: Context, training: bool) -> None:
         begin, b_begin, b_end, end = (hooks.on_valid_begin, hooks.on_valid_batch_begin,
                                       hooks.on_valid_batch_end, hooks.on_valid_end)
         step = ctx.stepper.valid_batch
+    weighted = source.weighted  # batches come as (batch, sample weights)
+    ctx.sample_weight = None
     begin(ctx)
     i = 0
     local_stop = not ctx.world.distributed  # under DDP, Ctrl-C is agreed at epoch end: no rank waits for another
     with torch.set_grad_enabled(training), ctx.phase_context(training):
         for i, batch in enumerate(source, 1):
             ctx.iter = i
+            if weighted:
+                batch, ctx.sample_weight = batch
             ctx.batch = batch
             ctx.input, ctx.target = split_batch(batch)
             ctx.batch_size = batch_size_of(ctx.input)

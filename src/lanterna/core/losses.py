@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -10,7 +11,7 @@ from torch import Tensor, nn
 
 from ..errors import LanternaError
 
-__all__ = ["build_loss", "loss_denominator"]
+__all__ = ["build_loss", "loss_denominator", "per_sample_loss"]
 
 LossFn = Callable[[Any, Any], Tensor]
 
@@ -127,3 +128,63 @@ def loss_denominator(loss: Any, target: Any) -> Callable[[Tensor], Tensor] | Non
         return (weight.index_select(0, t.masked_fill(~keep, 0).reshape(-1)) * keep.reshape(-1)).sum()
 
     return weighted
+
+
+def per_sample_loss(loss: Any) -> Callable[[Any, Any], tuple[Tensor, Tensor]]:
+    """``(pred, target) -> (per-sample loss sums (N,), per-sample shares (N,))`` for ``sample_weight``: a torch
+    loss runs with ``reduction="none"`` (a copy of it); a sample's share is its element count, or for
+    CrossEntropyLoss / NLLLoss with class indices its targets' class weights (ignored targets count 0), so that
+    ``Σ l / Σ share`` is the loss's own mean and ``Σ w·l / Σ w·share`` its weighted mean. A plain function must
+    take ``reduction="none"``.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from lanterna.core.losses import per_sample_loss
+    >>> num, den = per_sample_loss(nn.MSELoss())(torch.zeros(2, 3), torch.ones(2, 3))
+    >>> num.tolist(), den.tolist()
+    ([3.0, 3.0], [3.0, 3.0])
+    """
+    if getattr(loss, "parts", None) is not None:
+        raise LanternaError("sample_weight with several losses (one per output) is not supported: weigh the "
+                            "samples in a custom step(ctx), or train with one loss.")
+    name = type(loss).__name__ if isinstance(loss, nn.Module) else getattr(loss, "__name__", type(loss).__name__)
+    if isinstance(loss, nn.modules.loss._Loss):
+        per = copy.copy(loss)
+        per.reduction = "none"
+        class_index = isinstance(loss, (nn.CrossEntropyLoss, nn.NLLLoss))
+
+        def call(pred: Any, target: Any) -> Tensor:
+            return per(pred, target)
+    else:
+        class_index = False
+
+        def call(pred: Any, target: Any) -> Tensor:
+            try:
+                return loss(pred, target, reduction="none")
+            except TypeError as e:
+                raise LanternaError(
+                    f"sample_weight needs the loss per sample, but the loss {name} does not take reduction='none' "
+                    f"({e}). Give it a reduction argument (def loss(pred, target, reduction='mean')) that returns one "
+                    "value per sample for 'none', or use a torch loss."
+                ) from None
+
+    def per_sample(pred: Any, target: Any) -> tuple[Tensor, Tensor]:
+        values = call(pred, target)
+        n = pred.shape[0] if isinstance(pred, Tensor) else None
+        if not isinstance(values, Tensor) or values.dim() == 0 or values.shape[0] != n:
+            shape = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
+            raise LanternaError(f"sample_weight needs the loss per sample: {name} with reduction='none' returned "
+                                f"{shape}, not values of first dimension {n} (one row per sample).")
+        num = values.reshape(n, -1).sum(1)
+        if class_index and not target.is_floating_point():
+            keep = target != loss.ignore_index
+            share = keep.to(num.dtype)
+            if loss.weight is not None:
+                share = loss.weight.index_select(0, target.masked_fill(~keep, 0).reshape(-1)).reshape(
+                    target.shape) * keep
+            den = share.reshape(n, -1).sum(1)
+        else:
+            den = torch.full((n,), float(values[0].numel()), dtype=num.dtype, device=num.device)
+        return num, den
+
+    return per_sample

@@ -24,8 +24,9 @@ import torch
 from .._version import __version__
 from ..data.resume import source_generators
 from ..errors import CheckpointError, ModelMismatchError
-from ..io.artifact import encode_json, load_weights_strict
+from ..io.encoding import encode_json
 from ..io.model_meta import describe_module
+from ..io.resolve import load_weights_strict
 from ..io.rng import capture_rng_state, restore_rng_state
 from .callback import Callback
 from .context import Context

@@ -21,7 +21,7 @@ from .checks import (
     explain_loss_failure,
 )
 from .context import Context
-from .losses import loss_denominator
+from .losses import loss_denominator, per_sample_loss
 
 __all__ = ["Stepper", "Forward", "LossComputer", "zero_grad"]
 
@@ -70,7 +70,8 @@ class LossComputer:
 
     The first call of a loss in training, and the first out of it, check shapes and dtypes (:mod:`.checks`).
     For losses that are weighted means inside a batch (CrossEntropyLoss with ``weight=`` or ignored targets) it
-    also sets ``ctx.loss_weight``, the batch's denominator, so the epoch's loss is exact."""
+    also sets ``ctx.loss_weight``, the batch's denominator, so the epoch's loss is exact. With sample weights
+    (``ctx.sample_weight``) the loss is computed per sample and weighted (:func:`.losses.per_sample_loss`)."""
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -78,12 +79,15 @@ class LossComputer:
         self.fn: Any = None  # the loss the checks below were made for
         self.checked: set[bool] = set()
         self.denominator: Any = None
+        self.per_sample: tuple[Any, Any] | None = None  # (loss, its per-sample form) under sample weights
 
     def __call__(self, pred: Any, target: Any) -> Any:
         ctx = self.ctx
         fn = ctx.loss_fn
         if fn is not self.fn or ctx.training not in self.checked:
             return self._first(fn, pred, target)
+        if ctx.sample_weight is not None:
+            return self._weighted(pred, target, ctx.sample_weight)
         if self.autocast is not None:
             with self.autocast():
                 loss = fn(pred, target)
@@ -92,6 +96,22 @@ class LossComputer:
         if self.denominator is not None:
             ctx.loss_weight = self.denominator(target)
         return loss
+
+    def _weighted(self, pred: Any, target: Any, weight: Tensor) -> Tensor:
+        """``Σ w·l / Σ w·d`` over the batch's samples (``d``: a sample's share of the loss's mean, its element
+        count or class weights); ``ctx.loss_weight`` is ``Σ w·d``, so the epoch's value is exact too."""
+        if self.per_sample is None or self.per_sample[0] is not self.fn:
+            self.per_sample = (self.fn, per_sample_loss(self.fn))
+        per_sample = self.per_sample[1]
+        if self.autocast is not None:
+            with self.autocast():
+                num, den = per_sample(pred, target)
+        else:
+            num, den = per_sample(pred, target)
+        w = weight.to(num.dtype)
+        total = (w * den).sum()
+        self.ctx.loss_weight = total
+        return (w * num).sum() / total.clamp_min(torch.finfo(total.dtype).tiny)  # all weights 0: a loss of 0
 
     def _first(self, fn: Any, pred: Any, target: Any) -> Any:
         ctx = self.ctx

@@ -1,7 +1,8 @@
 """Data adapters: anything accepted by fit/predict/evaluate → batches on the device."""
 
-from .adapters import make_source, split_valid, to_tensor_leaves
+from .adapters import make_source, to_tensor_leaves
 from .sources import BatchSource, LoaderBatches, TensorBatches
+from .split import split_valid
 from .structure import batch_size_of, call_model, move_to, split_batch
 
 __all__ = [

@@ -28,6 +28,7 @@ class BatchSource:
     """Iterable of batches already on the loop's device; ``len()`` is the number of batches (or None)."""
 
     num_samples: int | None = None
+    weighted = False  # batches come as (batch, sample weights): fit(sample_weight=...)
 
     def __iter__(self) -> Iterator[Any]:  # pragma: no cover - interface
         raise TypeError(f"{type(self).__name__} must implement __iter__")
@@ -68,8 +69,10 @@ class TensorBatches(BatchSource):
         drop_last: bool = False,
         loader_generator: torch.Generator | None = None,
         sampler_generator: torch.Generator | None = None,
+        weighted: bool = False,
     ) -> None:
         self.leaves = list(leaves)
+        self.weighted = weighted  # the last leaf is the samples' weights, yielded beside each batch
         self.spec = spec
         self.num_samples = int(leaves[0].shape[0])
         self.batch_size = int(batch_size)
@@ -132,7 +135,11 @@ class TensorBatches(BatchSource):
                 parts = [t.index_select(0, idx) for t in leaves]
             if stage is not None:
                 parts = [p.to(stage, non_blocking=True) for p in parts]
-            yield tuple(parts) if self._flat else unflatten(parts, self.spec)
+            if self.weighted:
+                *parts, weight = parts
+                yield (tuple(parts) if self._flat else unflatten(parts, self.spec)), weight
+            else:
+                yield tuple(parts) if self._flat else unflatten(parts, self.spec)
 
     def subset(self, indices: Tensor, *, shuffle: bool | None = None) -> TensorBatches:
         """A new source over ``indices`` (a 1-D index tensor), same options unless overridden."""
@@ -145,6 +152,7 @@ class TensorBatches(BatchSource):
             drop_last=self.drop_last,
             loader_generator=self.loader_generator,
             sampler_generator=self.sampler_generator,
+            weighted=self.weighted,
         )
 
 
@@ -158,8 +166,10 @@ class LoaderBatches(BatchSource):
     """
 
     def __init__(self, loader: DataLoader, device: torch.device | None = None,
-                 build: tuple[Any, dict[str, Any], frozenset[str]] | None = None, owned: bool | None = None) -> None:
+                 build: tuple[Any, dict[str, Any], frozenset[str]] | None = None, owned: bool | None = None,
+                 weighted: bool = False) -> None:
         self.loader = loader
+        self.weighted = weighted  # its dataset is a WeightedSamples: each batch is (batch, weights)
         self.device = device
         self.build = build
         self.owned = build is not None if owned is None else owned  # lanterna built the loader: it may close it
@@ -211,11 +221,12 @@ class LoaderBatches(BatchSource):
             warnings.filterwarnings("ignore", message=r".*multi-threaded, use of fork\(\)", category=DeprecationWarning)
             batches = iter(self.loader)
         if device is None or device.type == "cpu":
-            yield from batches
+            yield from (tuple(b) for b in batches) if self.weighted else batches
             return
         non_blocking = bool(self.loader.pin_memory)
         for batch in batches:
-            yield move_to(batch, device, non_blocking)
+            moved = move_to(batch, device, non_blocking)
+            yield tuple(moved) if self.weighted else moved
 
 
 #: below this estimated loading time per batch (ms), workers cost more (IPC, start-up) than they save

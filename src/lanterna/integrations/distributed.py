@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler, Sampler
 
 from ..core.world import Local, all_gather_rows
-from ..data.adapters import custom_sampler, loader_options
+from ..data.options import custom_sampler, loader_options
 from ..data.sources import BatchSource, LoaderBatches, TensorBatches
 from ..errors import DataError
 
@@ -84,7 +84,7 @@ class _ShardedTensorBatches(TensorBatches):
 
     def __init__(self, base: TensorBatches, sampler: ShardSampler) -> None:
         super().__init__(base.leaves, base.spec, batch_size=base.batch_size, shuffle=False,
-                         drop_last=base.drop_last)
+                         drop_last=base.drop_last, weighted=base.weighted)
         self.sampler = sampler
         self.num_samples = len(sampler)
 
@@ -155,7 +155,7 @@ class Distributed(Local):
             shuffle = train and type(dl.sampler) is RandomSampler
             sampler = ShardSampler(len(dl.dataset), self.rank, self.world_size, shuffle=shuffle, seed=self.seed)
             return LoaderBatches(DataLoader(dl.dataset, sampler=sampler, **loader_options(dl)), source.device,
-                                 owned=True)
+                                 owned=True, weighted=source.weighted)
         return source
 
     @staticmethod

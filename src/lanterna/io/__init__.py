@@ -11,7 +11,8 @@ unpickles a file: :mod:`lanterna.io.fitted` writes and reads the saved-model fil
 3
 """
 
-from .artifact import read_artifact, resolve_module_class, save_artifact
+from .artifact import save_artifact
+from .artifact_read import read_artifact
 from .atomic import atomic_write, atomic_write_bytes, fsync_dir, sweep_temp_files
 from .checkpoint import (
     FORMAT_VERSION,
@@ -23,6 +24,7 @@ from .checkpoint import (
     scan_checkpoints,
     verify_checkpoint,
 )
+from .resolve import resolve_module_class
 from .rng import capture_rng_state, restore_rng_state
 
 __all__ = [

@@ -20,8 +20,10 @@ from typing import Any
 import torch
 
 from ..errors import ArtifactError, CheckpointError, CheckpointVersionError, DamagedArtifactError
-from .artifact import decode_json, read_artifact, save_artifact, sniff
+from .artifact import save_artifact
+from .artifact_read import read_artifact, sniff
 from .checkpoint import load_checkpoint, verify_checkpoint
+from .encoding import decode_json
 from .model_meta import describe_module
 
 __all__ = ["save_fitted", "read_fitted"]
@@ -30,7 +32,8 @@ __all__ = ["save_fitted", "read_fitted"]
 # ---------------------------------------------------------------------------- save
 
 
-def save_fitted(fitted: Any, path: str | os.PathLike[str]) -> Path:
+def save_fitted(fitted: Any, path: str | os.PathLike[str], *,
+                training_state: Mapping[str, Any] | None = None) -> Path:
     """Write ``fitted``'s weights (safetensors) and metadata (JSON), atomically as a whole; see
     :meth:`lanterna.Fitted.save`, its only caller. Values that cannot be stored (a function as an hparam ...)
     are recorded by their description and named in a warning; ``ln.load`` then asks for them.
@@ -40,6 +43,8 @@ def save_fitted(fitted: Any, path: str | os.PathLike[str]) -> Path:
             ``hparams``, ``opt_hparams``, ``optimizer``, ``loss``, ``loss_weights``; or None), ``metrics``,
             ``history``, ``status`` and ``total_time`` (so that this module needs nothing above it).
         path: a folder, or a file name ending in ``.safetensors``.
+        training_state: the optimizers', schedulers' and grad scaler's states to keep as well
+            (``fitted.save(path, optimizer=True)``: ``Fitted.training_state()``), tensors stored exactly.
 
     >>> import tempfile, lanterna as ln
     >>> from torch import nn
@@ -62,9 +67,11 @@ def save_fitted(fitted: Any, path: str | os.PathLike[str]) -> Path:
         "versions": {"lanterna": __version__, "torch": torch.__version__,
                      "python": ".".join(map(str, sys.version_info[:3]))},
     }
+    if training_state is not None:
+        meta["training_state"] = dict(training_state)
     unsaved: list[str] = []
     out = save_artifact(path, fitted.model.state_dict(), meta, unsaved=unsaved)
-    needed = [u for u in unsaved if u.startswith(("hparams", "opt_hparams"))]
+    needed = [u for u in unsaved if u.startswith(("hparams", "opt_hparams", "training_state"))]
     if needed:
         warnings.warn(
             "fitted.save: " + "; ".join(needed) + " cannot be stored (only plain values, tuples, tensors, dtypes, "
@@ -115,7 +122,8 @@ def _read_any(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 
 _META_TYPES: dict[str, Any] = {"module": str, "module_kind": str, "hparams": dict, "opt_hparams": dict,
-                               "history": list, "metrics": list, "status": str, "total_time": (int, float)}
+                               "history": list, "metrics": list, "status": str, "total_time": (int, float),
+                               "training_state": dict}
 
 
 def _check_meta(meta: Mapping[str, Any], path: Path) -> None:

@@ -1,8 +1,8 @@
 """What a saved model says about itself: one description of the module, written by ``fitted.save`` (in
 ``lanterna.json``) and by every checkpoint (its ``"meta"`` entry), so both are read the same way.
 
-The description names classes and functions only by import path (:func:`~lanterna.io.artifact.import_path`);
-loading never imports them (:func:`~lanterna.io.artifact.resolve_class`).
+The description names classes and functions only by import path (:func:`~lanterna.io.resolve.import_path`);
+loading never imports them (:func:`~lanterna.io.resolve.resolve_class`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from typing import Any
 
 from torch import nn
 
-from .artifact import describe_value, import_path
+from .encoding import describe_value
+from .resolve import import_path
 
 __all__ = ["describe_module"]
 

@@ -224,6 +224,13 @@ def _add_sum_states(metric: LanternaMetric, *names: str) -> None:
         metric.add_state(n, torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
 
+def per_sample(weight: Tensor | None, like: Tensor) -> Tensor | None:
+    """Per-sample weights ``(N,)`` shaped to broadcast over ``like`` ``(N, ...)`` (None stays None)."""
+    if weight is None:
+        return None
+    return weight.reshape(-1, *([1] * (like.dim() - 1))).to(torch.float64)
+
+
 def _check_same_shape(metric: str, pred: Tensor, target: Tensor) -> None:
     """Refuse predictions and targets of different shapes (torch would broadcast (N, 1) against (N,) into
     (N, N)), naming both shapes and the fix."""

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ShapeMismatchError
-from .base import LanternaMetric, _add_sum_states, _check_same_shape
+from .base import LanternaMetric, _add_sum_states, _check_same_shape, per_sample
 
 __all__ = ["Accuracy", "BinaryAccuracy", "BinaryAccuracyWithLogits", "BinaryAUROC", "MulticlassAUROC"]
 
@@ -19,13 +19,18 @@ class _Correct(LanternaMetric):
         super().__init__()
         _add_sum_states(self, "correct", "count")
 
-    def _count(self, hits: Tensor, keep: Tensor | None = None) -> None:
-        if keep is None:
+    supports_weight = True
+
+    def _count(self, hits: Tensor, keep: Tensor | None = None, weight: Tensor | None = None) -> None:
+        if keep is not None:  # a mask, not indexing: no device synchronisation
+            hits = hits & keep
+        w = per_sample(weight, hits)
+        if w is None:
             self.correct += hits.sum(dtype=torch.float64)
-            self.count += hits.numel()
-        else:  # a mask, not indexing: no device synchronisation
-            self.correct += (hits & keep).sum(dtype=torch.float64)
-            self.count += keep.sum(dtype=torch.float64)
+            self.count += hits.numel() if keep is None else keep.sum(dtype=torch.float64)
+        else:
+            self.correct += (hits * w).sum(dtype=torch.float64)
+            self.count += (w * (1 if keep is None else keep)).expand(hits.shape).sum(dtype=torch.float64)
 
     def compute(self) -> Tensor:
         return (self.correct / self.count).float()
@@ -56,7 +61,8 @@ class Accuracy(_Correct):
         super().__init__()
         self.ignore_index = ignore_index
 
-    def update(self, pred: Tensor, target: Tensor) -> None:
+    def update(self, pred: Tensor, target: Tensor, weight: Tensor | None = None) -> None:
+        """Fold a batch in; ``weight`` (N,) weighs each sample."""
         if pred.dim() == target.dim() + 1:
             if pred.shape[1] == 1:
                 raise ShapeMismatchError(
@@ -80,7 +86,7 @@ class Accuracy(_Correct):
                 f"Accuracy takes scores (N, C) with class indices (N,). {_BINARY_HINT}"
             )
         hits = pred == target
-        self._count(hits, None if self.ignore_index is None else target != self.ignore_index)
+        self._count(hits, None if self.ignore_index is None else target != self.ignore_index, weight)
 
 
 class BinaryAccuracy(_Correct):
@@ -97,9 +103,10 @@ class BinaryAccuracy(_Correct):
         super().__init__()
         self.threshold = threshold
 
-    def update(self, pred: Tensor, target: Tensor) -> None:
+    def update(self, pred: Tensor, target: Tensor, weight: Tensor | None = None) -> None:
+        """Fold a batch in; ``weight`` (N,) weighs each sample."""
         _check_same_shape(type(self).__name__, pred, target)
-        self._count((pred > self.threshold) == (target > 0.5))
+        self._count((pred > self.threshold) == (target > 0.5), None, weight)
 
 
 class BinaryAccuracyWithLogits(BinaryAccuracy):
@@ -112,21 +119,32 @@ class BinaryAccuracyWithLogits(BinaryAccuracy):
     0.5
     """
 
-    def update(self, pred: Tensor, target: Tensor) -> None:
-        super().update(torch.sigmoid(pred), target)
+    def update(self, pred: Tensor, target: Tensor, weight: Tensor | None = None) -> None:
+        """Fold a batch in; ``weight`` (N,) weighs each sample."""
+        super().update(torch.sigmoid(pred), target, weight)
 
 
-def _auroc(scores: Tensor, positive: Tensor) -> Tensor:
-    """Exact area under the ROC curve: the Mann-Whitney statistic with average ranks for tied scores (what
-    trapezoids through every threshold give, as in scikit-learn). NaN when one class is absent."""
+def _auroc(scores: Tensor, positive: Tensor, weight: Tensor | None = None) -> Tensor:
+    """Exact area under the ROC curve: the (weighted) Mann-Whitney statistic, tied scores counting one half
+    (what trapezoids through every threshold give, as in scikit-learn, ``sample_weight`` included). NaN when one
+    class is absent."""
     order = torch.argsort(scores)
     _, inverse, counts = torch.unique_consecutive(scores[order], return_inverse=True, return_counts=True)
-    counts = counts.double()
-    mid_rank = counts.cumsum(0) - (counts - 1) / 2  # 1-based average rank of each group of tied scores
     pos = positive[order]
-    n_pos = pos.sum(dtype=torch.float64)
-    n_neg = scores.numel() - n_pos
-    auc = (mid_rank[inverse][pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    if weight is None:
+        counts = counts.double()
+        mid_rank = counts.cumsum(0) - (counts - 1) / 2  # 1-based average rank of each group of tied scores
+        n_pos = pos.sum(dtype=torch.float64)
+        n_neg = scores.numel() - n_pos
+        auc = (mid_rank[inverse][pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    else:  # per group of tied scores: Σ w⁺ · (w⁻ below the group + ½ w⁻ in it)
+        w = weight.double()[order]
+        groups = counts.numel()
+        w_pos = torch.zeros(groups, dtype=torch.float64, device=w.device).index_add_(0, inverse, w * pos)
+        w_neg = torch.zeros(groups, dtype=torch.float64, device=w.device).index_add_(0, inverse, w * ~pos)
+        n_pos, n_neg = w_pos.sum(), w_neg.sum()
+        below = w_neg.cumsum(0) - w_neg
+        auc = (w_pos * (below + w_neg / 2)).sum() / (n_pos * n_neg)
     return torch.where((n_pos > 0) & (n_neg > 0), auc, torch.full_like(auc, float("nan")))
 
 
@@ -136,15 +154,23 @@ class _Ranked(LanternaMetric):
     name, display_name = "auroc", "AUC"
     higher_is_better = True
 
+    supports_weight = True
+
     def __init__(self) -> None:
         super().__init__()
         self.add_state("preds", default=[], dist_reduce_fx="cat")
         self.add_state("targets", default=[], dist_reduce_fx="cat")
+        self.add_state("weights", default=[], dist_reduce_fx="cat")  # sample weights, when given
 
-    def _cat(self) -> tuple[Tensor, Tensor]:
+    def _cat(self) -> tuple[Tensor, Tensor, Tensor | None]:
         if not self.preds:
             raise ValueError(f"{type(self).__name__}.compute() before any update(): there are no scores to rank.")
-        return torch.cat(self.preds), torch.cat(self.targets)
+        weights = torch.cat(self.weights) if self.weights else None
+        return torch.cat(self.preds), torch.cat(self.targets), weights
+
+    def _keep_weight(self, weight: Tensor | None) -> None:
+        if weight is not None:
+            self.weights.append(weight.detach().reshape(-1).double())
 
 
 class BinaryAUROC(_Ranked):
@@ -163,14 +189,17 @@ class BinaryAUROC(_Ranked):
         super().__init__()
         self.from_logits = from_logits
 
-    def update(self, pred: Tensor, target: Tensor) -> None:
+    def update(self, pred: Tensor, target: Tensor, weight: Tensor | None = None) -> None:
+        """Fold a batch in; ``weight`` (N,) weighs each sample (of a (N,) or (N, 1) score)."""
         _check_same_shape("BinaryAUROC", pred, target)
         self.preds.append(pred.detach().float().reshape(-1))
         self.targets.append(target.reshape(-1) > 0.5)
+        if weight is not None:
+            self._keep_weight(weight.reshape(-1, 1).expand(pred.shape[0], pred[0].numel() if pred.dim() else 1))
 
     def compute(self) -> Tensor:
-        preds, targets = self._cat()
-        return _auroc(preds, targets).float()
+        preds, targets, weights = self._cat()
+        return _auroc(preds, targets, weights).float()
 
 
 class MulticlassAUROC(_Ranked):
@@ -195,7 +224,8 @@ class MulticlassAUROC(_Ranked):
         self.num_classes = num_classes
         self.average = average
 
-    def update(self, pred: Tensor, target: Tensor) -> None:
+    def update(self, pred: Tensor, target: Tensor, weight: Tensor | None = None) -> None:
+        """Fold a batch in; ``weight`` (N,) weighs each sample."""
         if pred.dim() != 2 or pred.shape[1] != self.num_classes:
             raise ValueError(
                 f"MulticlassAUROC(num_classes={self.num_classes}) needs scores of shape (N, {self.num_classes}); "
@@ -208,18 +238,22 @@ class MulticlassAUROC(_Ranked):
             )
         self.preds.append(pred.detach().float())
         self.targets.append(target.reshape(-1).long())
+        self._keep_weight(weight)
 
     def compute(self) -> Tensor:
-        preds, targets = self._cat()
+        preds, targets, w = self._cat()
         if bool(((preds < 0) | (preds > 1)).any()):  # logits: one-vs-rest ranks need probabilities (softmax)
             preds = preds.softmax(dim=1)
         if self.average == "micro":
             onehot = targets.unsqueeze(1) == torch.arange(self.num_classes, device=targets.device)
-            return _auroc(preds.reshape(-1), onehot.reshape(-1)).float()
-        per_class = torch.stack([_auroc(preds[:, c], targets == c) for c in range(self.num_classes)])
+            flat_w = None if w is None else w.unsqueeze(1).expand(-1, self.num_classes).reshape(-1)
+            return _auroc(preds.reshape(-1), onehot.reshape(-1), flat_w).float()
+        per_class = torch.stack([_auroc(preds[:, c], targets == c, w) for c in range(self.num_classes)])
         if self.average in (None, "none"):
             return per_class.float()
         defined = ~per_class.isnan()
-        weights = defined.double() if self.average == "macro" else torch.bincount(
-            targets, minlength=self.num_classes)[: self.num_classes].double() * defined
+        counted = torch.ones_like(targets, dtype=torch.float64) if w is None else w
+        support = torch.zeros(self.num_classes, dtype=torch.float64, device=targets.device).index_add_(
+            0, targets.clamp(0, self.num_classes - 1), counted)
+        weights = defined.double() if self.average == "macro" else support * defined
         return ((per_class.nan_to_num() * weights).sum() / weights.sum()).float()

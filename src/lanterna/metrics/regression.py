@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import LanternaMetric, _add_sum_states, _check_same_shape
+from .base import LanternaMetric, _add_sum_states, _check_same_shape, per_sample
 
 __all__ = ["MAE", "MSE", "RMSE"]
 
@@ -20,10 +20,19 @@ class _ErrorSum(LanternaMetric):
     def _errors(self, diff: Tensor) -> Tensor:
         return diff.square()
 
-    def update(self, pred: Tensor, target: Tensor) -> None:
+    supports_weight = True
+
+    def update(self, pred: Tensor, target: Tensor, weight: Tensor | None = None) -> None:
+        """Fold a batch in; ``weight`` (N,) weighs each sample (all of its elements)."""
         _check_same_shape(self.display_name, pred, target)
-        self.error_sum += self._errors(pred.detach() - target).sum(dtype=torch.float64)
-        self.count += target.numel()
+        errors = self._errors(pred.detach() - target)
+        w = per_sample(weight, errors)
+        if w is None:
+            self.error_sum += errors.sum(dtype=torch.float64)
+            self.count += target.numel()
+        else:
+            self.error_sum += (errors * w).sum(dtype=torch.float64)
+            self.count += w.sum() * (errors[0].numel() if errors.dim() else 1)
 
     def compute(self) -> Tensor:
         return (self.error_sum / self.count).float()

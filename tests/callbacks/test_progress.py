@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import re
+import warnings
 
 import pytest
 import torch
-from conftest import Net, make_luz_data
+from conftest import Net, linear_setup, make_luz_data
 from torch import nn
 
 import lanterna as ln
-from lanterna.callbacks.progress import format_value
+from lanterna.callbacks.progress import LiveProgress, format_value
 
 VALUE = r"-?\d+(\.\d{0,3}[1-9])?"  # rounded to 4 decimals, no trailing zeros
 
@@ -121,3 +122,16 @@ def test_predict_on_cpu_returns_cpu_tensors_and_evaluate_floats():
     x, y = make_luz_data(n=50, seed=4)
     assert fitted.predict(x).device == torch.device("cpu")
     assert all(type(v) is float for v in fitted.evaluate((x, y)).metrics.values())
+
+
+# ---------------------------------------------------------------------------- from issue 11
+
+
+def test_the_progress_bar_reads_the_loss_without_a_torch_warning(capsys):
+    x, y = torch.randn(64, 3), torch.randn(64, 1)
+    bar = LiveProgress(refresh_per_second=1e9)  # refresh at every batch: the loss is read each time
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "requires_grad ... to a scalar" UserWarning fails the fit
+        fitted = linear_setup().fit((x, y), epochs=1, verbose=True, callbacks=[bar],
+                                    dataloader_options={"batch_size": 8})
+    assert len(fitted.history) == 1

@@ -1,5 +1,5 @@
-"""ModelCheckpoint (issue 3) and AutoResume (issue 5), in-process: files, resume parity, SIGTERM, damage,
-a full disk, a NaN stop and clean-up. The subprocess kill tests live in tests/reliability/."""
+"""AutoResume (issue 5), in-process: resume parity, SIGTERM, damage, a full disk, a NaN stop, clean-up, and a
+resume of another setup refused before anything is loaded. The subprocess kill tests live in tests/reliability/."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import signal
 
 import pytest
 import torch
-from conftest import Canary, Net, NoisyDataset, make_luz_data
+from conftest import Canary, Net, NoisyDataset, frozen_setup, luz_net_setup, make_luz_data, same_weights
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -25,91 +25,6 @@ TIMING = ("epoch_time",)
 def _strip(history):
     return [{k: v for k, v in r.items() if k not in TIMING} for r in history]
 
-
-def _same_weights(a: nn.Module, b: nn.Module) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
-# ---------------------------------------------------------------------------- ModelCheckpoint
-
-
-def test_seed_000_callbacks_example_one_file_per_improvement(luz_split, luz_setup, tmp_path):
-    train_dl, valid_dl, test_dl = luz_split
-    folder = tmp_path / "models"
-    checkpoint = ln.callbacks.ModelCheckpoint(path=f"{folder}/", save_best_only=True)
-    fitted = luz_setup.fit(
-        train_dl, epochs=200, valid_data=valid_dl, seed=1, verbose=False,
-        callbacks=[checkpoint, ln.callbacks.EarlyStopping(patience=10), ln.callbacks.KeepBestModel()],
-    )
-    assert fitted.status == "stopped_early"
-    expected, best = [], None
-    for rec in fitted.history:
-        if best is None or rec["valid_loss"] < best:
-            best = rec["valid_loss"]
-            expected.append(f"epoch-{rec['epoch']:02d}-valid_loss-{rec['valid_loss']:.3f}.pt")
-    assert sorted(os.listdir(folder)) == sorted(expected)
-    assert checkpoint.best_path.name == expected[-1]
-    # the best file reloads into a fresh model with the predictions of the best epoch (KeepBestModel's)
-    ckpt = torch.load(checkpoint.best_path, weights_only=True)
-    fresh = Net(3, 32, 1)
-    fresh.load_state_dict(ckpt["model"])
-    x = test_dl.dataset[:][0]
-    with torch.no_grad():
-        assert torch.equal(fresh(x), fitted.predict(x))
-    assert ckpt["callbacks"]["EarlyStopping"]["wait"] == 0
-    assert ckpt["epoch"] == int(checkpoint.best_path.name[6:8]) and len(ckpt["history"]) == ckpt["epoch"]
-
-
-def test_every_epoch_template_and_single_file(tmp_path):
-    x, y = make_luz_data(120)
-    setup = ln.setup(Net, loss=nn.MSELoss()).set_hparams(d_in=3, d_hidden=8, d_out=1)
-    every = ln.callbacks.ModelCheckpoint(tmp_path / "all", monitor="train_loss")
-    template = ln.callbacks.ModelCheckpoint(str(tmp_path / "tpl" / "e{epoch:02d}-{train_loss:.2f}.pt"),
-                                            monitor="train_loss")
-    single = ln.callbacks.ModelCheckpoint(tmp_path / "last.pt", monitor="train_loss")
-    fitted = setup.fit((x, y), epochs=3, verbose=False, callbacks=[every, template, single])
-    assert len(os.listdir(tmp_path / "all")) == 3
-    names = sorted(os.listdir(tmp_path / "tpl"))
-    assert [n[:4] for n in names] == ["e01-", "e02-", "e03-"]
-    last = torch.load(tmp_path / "last.pt", weights_only=True)
-    assert last["epoch"] == 3 and _same_weights(fitted.model, _loaded(last["model"]))
-
-
-def _loaded(state):
-    model = Net(3, 8, 1)
-    model.load_state_dict(state)
-    return model
-
-
-class CountBatches(ln.Callback):
-    def __init__(self):
-        self.n = 0
-
-    def on_train_batch_begin(self, ctx):
-        self.n += 1
-
-
-def test_unknown_monitor_and_unwritable_folder_fail_before_the_first_batch(tmp_path):
-    x, y = make_luz_data(60)
-    setup = ln.setup(Net, loss=nn.MSELoss()).set_hparams(d_in=3, d_hidden=8, d_out=1)
-    counter = CountBatches()
-    with pytest.raises(ln.MonitorError, match=r"Unknown monitor 'valid_los'.*valid_loss"):
-        setup.fit((x, y), epochs=2, valid_data=0.2, seed=0, verbose=False, callbacks=[
-            counter, ln.callbacks.ModelCheckpoint(tmp_path / "c", monitor="valid_los")])
-    with pytest.raises(ln.MonitorError, match="valid_\\* names need valid_data"):  # the default falls back instead
-        setup.fit((x, y), epochs=2, verbose=False, callbacks=[
-            counter, ln.callbacks.ModelCheckpoint(tmp_path, monitor="valid_loss", save_best_only=True)])
-    with pytest.raises(ln.MonitorError, match=r"template.*nope"):
-        setup.fit((x, y), epochs=2, verbose=False, callbacks=[
-            counter, ln.callbacks.ModelCheckpoint(str(tmp_path / "{nope}.pt"), monitor="train_loss")])
-    blocker = tmp_path / "a_file"
-    blocker.write_text("not a folder")
-    for cb in (ln.callbacks.ModelCheckpoint(blocker / "ckpts", monitor="train_loss"),
-               ln.callbacks.AutoResume(blocker / "resume")):
-        with pytest.raises(ln.CheckpointError, match="cannot write to"):
-            setup.fit((x, y), epochs=2, verbose=False, callbacks=[counter, cb])
-    assert counter.n == 0
 
 
 # ---------------------------------------------------------------------------- AutoResume: parity
@@ -166,7 +81,7 @@ def reference():
 
 def _assert_same(fitted, ref):
     assert _strip(fitted.history) == _strip(ref.history)
-    assert _same_weights(fitted.model, ref.model)
+    assert same_weights(fitted.model, ref.model)
     assert int(fitted.model.calls) == int(ref.model.calls)
 
 
@@ -222,7 +137,7 @@ def test_gradient_accumulation_group_is_finished_before_a_mid_epoch_checkpoint(t
         fit(ln.callbacks.AutoResume(folder), Sigterm(2, 6))
     assert [p.name for p in folder.glob("*batch*")] == ["resume-epoch-0002-batch-0000008.pt"]
     resumed = fit(ln.callbacks.AutoResume(folder))
-    assert _strip(resumed.history) == _strip(ref.history) and _same_weights(resumed.model, ref.model)
+    assert _strip(resumed.history) == _strip(ref.history) and same_weights(resumed.model, ref.model)
 
 
 # ---------------------------------------------------------------------------- damage and disks
@@ -398,3 +313,118 @@ def test_a_checkpoint_of_another_architecture_is_explained(tmp_path):
     with pytest.raises(ln.ModelMismatchError, match=r"net\.0\.weight.*delete it to start afresh"):
         ln.setup(Net, loss=nn.MSELoss()).set_hparams(d_in=3, d_hidden=4, d_out=1).fit(
             (X, Y), epochs=2, verbose=False, callbacks=[ln.callbacks.AutoResume(folder)])
+
+
+# ---------------------------------------------------------------------------- another setup on resume (issue 11)
+
+XS, YS = make_luz_data(120)
+
+
+def _setup(**kw):
+    return ln.setup(Net, loss=nn.MSELoss(), **kw).set_hparams(d_in=3, d_hidden=8, d_out=1)
+
+
+class Grab(ln.Callback):
+    """Copies the live model and optimizer states at fit begin, just before AutoResume (order 1200)."""
+
+    order, runs_last = 1199, True
+
+    def on_fit_begin(self, ctx):
+        self.ctx = ctx
+        self.model = copy.deepcopy(ctx.model.state_dict())
+        self.opts = {k: copy.deepcopy(o.state_dict()) for k, o in ctx.optimizers.items()}
+        self.step = ctx.step
+
+
+class TwoGroups(Net):
+    def set_optimizers(self, lr=0.01):
+        return torch.optim.Adam([{"params": self.net[0].parameters()},
+                                 {"params": self.net[2].parameters(), "lr": lr / 10}], lr=lr)
+
+
+class Reversed(Net):
+    def set_optimizers(self, lr=0.01):
+        return torch.optim.Adam(list(self.parameters())[::-1], lr=lr)
+
+
+def _written_by_adam(tmp_path, **kw):
+    folder = tmp_path / "resume"
+    with pytest.raises(ln.CallbackError, match="simulated crash"):
+        _setup(optimizer=torch.optim.Adam, **kw).fit((XS, YS), epochs=3, verbose=False,
+                                                     callbacks=[ln.callbacks.AutoResume(folder), Crash(2, 1)])
+    return folder
+
+
+def _refused(setup, folder, match, callbacks=()):
+    grab = Grab()
+    with pytest.raises(ln.CheckpointError, match=match) as info:
+        setup.fit((XS, YS), epochs=3, verbose=False, callbacks=[grab, *callbacks, ln.callbacks.AutoResume(folder)])
+    state = grab.ctx.model.state_dict()
+    assert all(torch.equal(state[k], grab.model[k]) for k in state)  # nothing was loaded
+    for name, opt in grab.ctx.optimizers.items():
+        assert opt.state_dict() == grab.opts[name]
+    assert grab.ctx.step == grab.step and grab.ctx.history == []
+    assert "resume-epoch-0001.pt" in str(info.value) and "same setup" in str(info.value)
+    assert f"remove the folder '{folder}'" in str(info.value)
+    return info.value
+
+
+def test_resuming_an_adam_checkpoint_with_sgd_is_refused_before_anything_is_loaded(tmp_path):
+    folder = _written_by_adam(tmp_path)
+    _refused(_setup(optimizer=torch.optim.SGD).set_opt_hparams(lr=0.01, momentum=0.9), folder,
+             r"optimizer 'opt': saved torch\.optim\.adam\.Adam, this fit torch\.optim\.sgd\.SGD")
+    # the same setup still resumes from it
+    fitted = _setup(optimizer=torch.optim.Adam).fit((XS, YS), epochs=3, verbose=False,
+                                                    callbacks=[ln.callbacks.AutoResume(folder)])
+    assert [r["epoch"] for r in fitted.history] == [1, 2, 3]
+
+
+def test_other_param_groups_and_schedulers_are_refused(tmp_path):
+    folder = _written_by_adam(tmp_path)
+    two = ln.setup(TwoGroups, loss=nn.MSELoss()).set_hparams(d_in=3, d_hidden=8, d_out=1)
+    _refused(two, folder, r"param groups: saved 1 \(4 parameters\), this fit 2 \(2, 2 parameters\)")
+    backwards = ln.setup(Reversed, loss=nn.MSELoss()).set_hparams(d_in=3, d_hidden=8, d_out=1)
+    _refused(backwards, folder, r"parameters in another order .*group 0, parameter 0: saved \(8, 3\), this fit \(1,\)")
+    step_lr = ln.callbacks.LRScheduler(torch.optim.lr_scheduler.StepLR, step_size=1)
+    _refused(_setup(optimizer=torch.optim.Adam), folder, r"schedulers: saved none, this fit StepLR",
+             callbacks=[step_lr])
+
+
+def test_an_old_checkpoint_without_the_optimizer_class_is_checked_by_its_hyperparameters(tmp_path):
+    folder = _written_by_adam(tmp_path)
+    path = folder / "resume-epoch-0001.pt"
+    raw = load_checkpoint(path)
+    del raw["meta"]["optimizers"]
+    ln.io.save_checkpoint(path, raw)
+    _refused(_setup(optimizer=torch.optim.SGD).set_opt_hparams(lr=0.01), folder,
+             r"optimizer 'opt'.*hyperparameters.*betas.*momentum")
+
+
+def test_another_architecture_is_refused_and_changes_nothing(tmp_path):
+    folder = _written_by_adam(tmp_path)
+    grab = Grab()
+    with pytest.raises(ln.ModelMismatchError, match=r"net\.0\.weight: saved \(8, 3\), this model \(4, 3\)"):
+        ln.setup(Net, loss=nn.MSELoss(), optimizer=torch.optim.Adam).set_hparams(d_in=3, d_hidden=4, d_out=1).fit(
+            (XS, YS), epochs=3, verbose=False, callbacks=[grab, ln.callbacks.AutoResume(folder)])
+    state = grab.ctx.model.state_dict()
+    assert all(torch.equal(state[k], grab.model[k]) for k in state)
+
+
+def test_auto_resume_state_kept_after_nan_and_removed_after_early_stop(tmp_path):
+    x, y = make_luz_data(64)
+    state = tmp_path / "state"
+
+    class PoisonAt2(ln.Callback):
+        def on_train_batch_after_loss(self, ctx):
+            if ctx.epoch == 2:
+                ctx.loss = ctx.loss * float("nan")
+
+    with pytest.raises(Exception, match=r"NaN|Inf|nan"):
+        luz_net_setup().fit((x, y), epochs=3, verbose=False, callbacks=[ln.callbacks.AutoResume(state), PoisonAt2()])
+    assert state.exists() and any(p.is_file() for p in state.rglob("*"))
+
+    state2 = tmp_path / "state2"
+    f = frozen_setup().fit((x, y), epochs=10, valid_data=0.25, verbose=False,
+                           callbacks=[ln.callbacks.AutoResume(state2), ln.callbacks.EarlyStopping(patience=1)])
+    assert len(f.history) == 2
+    assert not state2.exists() or not any(p.is_file() for p in state2.rglob("*"))

@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import HISTORY_BASE, Net, history_keys, make_luz_data
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -443,3 +444,64 @@ def test_accumulation_with_a_custom_gan_step():
 def test_accumulation_refuses_a_bad_count():
     with pytest.raises(ln.LanternaError, match="positive integer"):
         ln.callbacks.GradientAccumulation(0)
+
+
+def test_custom_step_sees_training_flag_and_validation():
+    flags = []
+
+    class Model(Net):
+        def step(self, ctx):
+            flags.append(ctx.training)
+            pred = self(ctx.input)
+            loss = nn.functional.mse_loss(pred, ctx.target)
+            if ctx.training:
+                ctx.opt.zero_grad()
+                loss.backward()
+                ctx.opt.step()
+            ctx.pred = pred.detach()
+            ctx.loss = loss.detach()
+
+    x, y = make_luz_data(96)
+    f = ln.setup(Model, metrics=[ln.metrics.MAE()]).set_opt_hparams(lr=0.01).fit(
+        (x, y), epochs=3, valid_data=(x[:32], y[:32]), verbose=False)
+    assert flags == ([True] * 3 + [False]) * 3
+    assert history_keys(f.history[0]) == HISTORY_BASE | {"train_loss", "train_mae", "valid_loss", "valid_mae"}
+    assert f.history[-1]["train_loss"] < f.history[0]["train_loss"]
+    with torch.no_grad():
+        p = f.model(x[:32])
+    assert f.history[-1]["valid_mae"] == pytest.approx(float((p - y[:32]).abs().mean()), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------- from issue 11
+
+
+class TwoLossStep(nn.Module):
+    """A custom step that reports its loss and a logged value."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 1)
+
+    def forward(self, x):
+        return self.lin(x)
+
+    def step(self, ctx):
+        ctx.pred = self(ctx.input)
+        ctx.loss = F.mse_loss(ctx.pred, ctx.target)
+        ctx.log("l1", F.l1_loss(ctx.pred, ctx.target))
+        if ctx.training:
+            ctx.backward(ctx.loss)
+            ctx.step_optimizer()
+
+
+def test_evaluate_runs_the_modules_own_step_and_reports_its_logs():
+    x, y = torch.randn(64, 3), torch.randn(64, 1)
+    fitted = ln.setup(TwoLossStep).fit((x, y), epochs=1, verbose=False)
+    before = [p.detach().clone() for p in fitted.model.parameters()]
+    ev = fitted.evaluate((x, y), metrics=[ln.metrics.MAE()])
+    with torch.no_grad():
+        pred = fitted.model(x)
+    assert ev["loss"] == pytest.approx(float(F.mse_loss(pred, y)), rel=1e-5)
+    assert ev["l1"] == pytest.approx(float(F.l1_loss(pred, y)), rel=1e-5)
+    assert ev["mae"] == pytest.approx(float(F.l1_loss(pred, y)), rel=1e-5)
+    assert all(torch.equal(a, p) for a, p in zip(before, fitted.model.parameters()))
