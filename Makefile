@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 PIP = $(VENV)/bin/pip -q --disable-pip-version-check
 PY = $(VENV)/bin/python
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test docs bench lint clean
 
 $(VENV)/.torch:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,9 @@ demo: $(VENV)/.demo
 test: $(VENV)/.test
 	$(VENV)/bin/ruff check src tests bench examples
 	$(PY) -m pytest -q tests
+
+docs: $(VENV)/.test
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict   # the site: build/site/index.html
 
 bench: $(VENV)/.bench
 	$(PY) bench/run.py

@@ -19,6 +19,8 @@ CONTENDERS: dict[str, str] = {
     "ignite": "ignite_engine",
     "lanterna-bf16": "lanterna_fit",
     "lanterna-compile": "lanterna_fit",
+    "lanterna-sample-weight": "lanterna_fit",
+    "lanterna-ema": "lanterna_fit",
 }
 
 DESCRIPTIONS: dict[str, str] = {
@@ -38,6 +40,9 @@ DESCRIPTIONS: dict[str, str] = {
     "lanterna-bf16": "lanterna with Accelerator(precision='bf16-mixed')",
     "lanterna-compile": "lanterna with Accelerator(compile=True): one extra first epoch compiles (its time is "
                         "reported apart), the time is that of the workload's epochs after it",
+    "lanterna-sample-weight": "lanterna with fit(sample_weight=w): per-sample losses and weighted metrics "
+                              "(w uniform in [0, 2), in-memory data)",
+    "lanterna-ema": "lanterna with callbacks=[ln.callbacks.EMA()] (validated with the averaged weights)",
 }
 
 

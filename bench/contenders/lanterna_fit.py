@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch.utils.data import DataLoader, TensorDataset
 from workloads import MODEL_SEED, Workload
 
@@ -22,6 +23,14 @@ def run(w: Workload, data: Any, variant: str) -> dict[str, float]:
         xt, yt, xv, yv = data
         train = DataLoader(TensorDataset(xt, yt), batch_size=w.batch_size, shuffle=True)
         valid = DataLoader(TensorDataset(xv, yv), batch_size=w.batch_size)
+    callbacks: list[Any] = []
+    if variant == "lanterna-sample-weight":  # in-memory data: the weights travel as one more leaf
+        xt, yt, xv, yv = data
+        train = (xt, yt)
+        kwargs["dataloader_options"] = {"batch_size": w.batch_size}
+        kwargs["sample_weight"] = torch.rand(len(xt), generator=torch.Generator().manual_seed(0)) * 2
+    elif variant == "lanterna-ema":
+        callbacks.append(ln.callbacks.EMA())
     if variant == "lanterna-bf16":
         kwargs["accelerator"] = ln.Accelerator(precision="bf16-mixed")
     elif variant == "lanterna-compile":
@@ -35,7 +44,7 @@ def run(w: Workload, data: Any, variant: str) -> dict[str, float]:
                  metrics=[metric] if w.validate else None)
         .set_opt_hparams(**w.opt_kwargs)
         .fit(train, epochs=w.epochs + warmup, valid_data=valid if w.validate else None, verbose=False,
-             seed=MODEL_SEED, **kwargs)
+             seed=MODEL_SEED, callbacks=callbacks, **kwargs)
     )
     last = fitted.history[-1]
     out = {"train_loss": last["train_loss"]}

@@ -33,6 +33,7 @@ from .errors import (
 from .loading import load_fitted as load
 from .params import param_groups, with_init, with_param_groups
 from .results import Evaluation, Fitted
+from .summary import summary
 from .tuning import lr_finder, tune
 
 __all__ = [
@@ -67,6 +68,7 @@ __all__ = [
     "param_groups",
     "seed_everything",
     "setup",
+    "summary",
     "tune",
     "tuning",
     "with_init",

@@ -9,7 +9,7 @@ import random
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from .callbacks.lr_scheduler import LRRecorder
 from .callbacks.metrics import MetricsCallback
 from .callbacks.nan import TerminateOnNaN
-from .callbacks.progress import make_printer
+from .callbacks.progress import ProgressPrinter, make_printer
 from .core.accelerator import Accelerator
 from .core.callback import Callback, Hooks
 from .core.checks import check_first_batch
@@ -29,11 +29,21 @@ from .core.losses import build_loss
 from .core.step import Stepper
 from .core.world import Local
 from .data import BatchSource, make_source, split_valid
-from .errors import DataError, LanternaError, NonFiniteLossError
-from .metrics.base import split_metric_spec
+from .errors import DataError, LanternaError, NonFiniteLossError, UnexpectedArgumentError
+from .metrics.base import LanternaMetric, MetricSet, split_metric_spec
 from .results import Fitted
 
-__all__ = ["setup", "Setup", "seed_everything"]
+__all__ = ["setup", "Setup", "seed_everything", "LossFunction", "LossSpec", "OptimizerSpec", "MetricSpec"]
+
+#: A loss: ``loss(pred, target) -> scalar tensor`` (an ``nn.Module`` such as ``nn.MSELoss()``, or a function).
+LossFunction = Callable[[Any, Any], torch.Tensor]
+#: ``loss=``: one loss, one per output of a multi-output model (a list), or one per output key (a dict).
+LossSpec = LossFunction | Sequence[LossFunction] | Mapping[str, LossFunction]
+#: ``optimizer=``: an optimizer class (``torch.optim.AdamW``) or a factory ``(params, **opt_hparams) -> Optimizer``.
+OptimizerSpec = type[torch.optim.Optimizer] | Callable[..., torch.optim.Optimizer]
+#: ``metrics=``: an ``ln.metrics`` object or ``torchmetrics.Metric`` / ``MetricCollection`` (an ``nn.Module``), a
+#: list of them, or an ``ln.metrics.MetricSet`` (different metrics for training and validation).
+MetricSpec = LanternaMetric | nn.Module | Sequence[LanternaMetric | nn.Module] | MetricSet
 
 
 def seed_everything(seed: int) -> None:
@@ -55,11 +65,11 @@ class Setup:
     {'in_features': 3, 'out_features': 1}
     """
 
-    module: Any
-    loss: Any = None
-    optimizer: Any = None
-    metrics: Any = None
-    loss_weights: Any = None
+    module: type[nn.Module] | Callable[..., nn.Module] | nn.Module
+    loss: LossSpec | None = None
+    optimizer: OptimizerSpec | None = None
+    metrics: MetricSpec | None = None
+    loss_weights: Sequence[float] | Mapping[str, float] | None = None
     hparams: dict[str, Any] = dataclasses.field(default_factory=dict)
     opt_hparams: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -105,7 +115,7 @@ class Setup:
         """The optimizers, created after the model is on its device: the module's ``set_optimizers`` or
         ``optimizer(model.parameters(), **opt_hparams)`` (default Adam)."""
         if callable(getattr(model, "set_optimizers", None)):
-            made = model.set_optimizers(**self.opt_hparams)
+            made = model.set_optimizers(**self.opt_hparams)  # type: ignore[operator]
             opts = dict(made) if isinstance(made, Mapping) else {"opt": made}
         else:
             factory = self.optimizer or torch.optim.Adam
@@ -143,6 +153,7 @@ class Setup:
         dataloader_options: Mapping[str, Any] | None = None,
         seed: int | None = None,
         sample_weight: Any = None,
+        **unexpected: NoReturn,
     ) -> Fitted:
         """Train and return a :class:`Fitted`.
 
@@ -158,6 +169,10 @@ class Setup:
             sample_weight: one non-negative weight per sample of ``data`` (a 1-D tensor/array; in-memory data or a
                 map-style Dataset): the loss is ``Σ w·l / Σ w`` per batch and over the epoch, the ln metrics are
                 weighted too; a ``valid_data`` fraction keeps its samples' weights (docs/models.md).
+            **unexpected: none is taken: another library's keyword (``batch_size=64``, ``epoch=``,
+                ``validation_data=``, ``lr=``) raises :class:`~lanterna.errors.UnexpectedArgumentError` naming the
+                lanterna way (``dataloader_options={"batch_size": 64}``, ``epochs=``, ``valid_data=``,
+                ``.set_opt_hparams(lr=...)``); mypy flags it too.
 
         >>> import lanterna as ln, torch
         >>> from torch import nn
@@ -167,6 +182,8 @@ class Setup:
         >>> len(fitted.history)
         2
         """
+        if unexpected:  # batch_size=, epoch=, lr= ...: typed NoReturn so that mypy flags them too
+            raise UnexpectedArgumentError("fit", unexpected, self.fit)
         return self._fit(data, epochs=epochs, valid_data=valid_data, callbacks=callbacks, verbose=verbose,
                          accelerator=accelerator, dataloader_options=dataloader_options, seed=seed,
                          sample_weight=sample_weight)
@@ -254,9 +271,9 @@ class Setup:
 def setup(
     module: type[nn.Module] | Callable[..., nn.Module] | nn.Module,
     *,
-    loss: Any = None,
-    optimizer: Any = None,
-    metrics: Any = None,
+    loss: LossSpec | None = None,
+    optimizer: OptimizerSpec | None = None,
+    metrics: MetricSpec | None = None,
     loss_weights: Sequence[float] | Mapping[str, float] | None = None,
 ) -> Setup:
     """Declare what to train and how (README.md, "Quick start").
@@ -321,8 +338,9 @@ def _sources(
         from .data.adapters import _user_stacklevel
 
         warnings.warn(  # the training data is not a DataLoader here: make_source refused that
-            f"dataloader_options {sorted(options)} apply to the training data only: valid_data is a DataLoader, "
-            "which keeps its own settings. Set them on that DataLoader, or pass its Dataset as valid_data.",
+            f"dataloader_options {sorted(options)} apply to the training data only: "  # type: ignore[arg-type]
+            "valid_data is a DataLoader, which keeps its own settings. Set them on that DataLoader, or pass its "
+            "Dataset as valid_data.",
             stacklevel=_user_stacklevel(),
         )
         valid_opts = None
@@ -406,7 +424,9 @@ def _merge_callbacks(defaults: list[Callback], user: Any) -> list[Callback]:
                 f"callbacks must be ln.Callback instances; got {cb!r}. Did you pass a class instead of an instance?"
             )
     user_types = {type(cb) for cb in user}
-    return [cb for cb in defaults if type(cb) not in user_types] + user
+    own_printer = any(isinstance(cb, ProgressPrinter) for cb in user)  # LiveProgress replaces ProgressPrinter too
+    return [cb for cb in defaults if type(cb) not in user_types
+            and not (own_printer and isinstance(cb, ProgressPrinter))] + user
 
 
 def _check_param_coverage(model: nn.Module, opts: Mapping[str, torch.optim.Optimizer]) -> None:

@@ -79,3 +79,63 @@ class DamagedArtifactError(ArtifactError):
 
 class MetricError(LanternaError, TypeError):
     """A metric that lanterna cannot use (not a metric object, or one that failed on a batch)."""
+
+
+class UnexpectedArgumentError(LanternaError, TypeError):
+    """A keyword ``fit`` does not take, often one of another library (``batch_size=``, ``epoch=``, ``lr=``); the
+    message names the lanterna argument to use instead.
+
+    Args:
+        method: the call, e.g. ``"fit"``.
+        names: the keywords it does not take (a mapping of them to their values, or their names).
+        valid: the function called (its keyword parameters are listed, a near miss suggested), or their names.
+
+    >>> from lanterna.errors import UnexpectedArgumentError
+    >>> print(UnexpectedArgumentError("fit", {"batch_size": 64}, ["data", "epochs"]))  # doctest: +ELLIPSIS
+    fit() got an unexpected keyword argument 'batch_size': pass dataloader_options={"batch_size": 64} ...
+    """
+
+    _HINTS: dict[str, str] = {
+        "batch_size": 'pass dataloader_options={{"batch_size": {v}}} (the batch size of the loader lanterna builds; '
+                      "a DataLoader you pass keeps its own)",
+        "shuffle": 'pass dataloader_options={{"shuffle": {v}}}',
+        "num_workers": 'pass dataloader_options={{"num_workers": {v}}}',
+        "epoch": "use epochs= (an int, or (min_epochs, max_epochs))",
+        "max_epochs": "use epochs= (an int, or (min_epochs, max_epochs))",
+        "n_epochs": "use epochs= (an int, or (min_epochs, max_epochs))",
+        "num_epochs": "use epochs= (an int, or (min_epochs, max_epochs))",
+        "validation_data": "use valid_data= (data, or a fraction of data to hold out, e.g. valid_data=0.2)",
+        "val_data": "use valid_data= (data, or a fraction of data to hold out, e.g. valid_data=0.2)",
+        "validation_split": "use valid_data= with a fraction, e.g. valid_data=0.2",
+        "lr": "set optimizer options on the setup: ln.setup(...).set_opt_hparams(lr={v})",
+        "learning_rate": "set optimizer options on the setup: ln.setup(...).set_opt_hparams(lr={v})",
+        "sample_weights": "use sample_weight=",
+        "device": "pass accelerator=ln.Accelerator(device=...)",
+        "loss": "give the loss to ln.setup(module, loss=...)",
+        "optimizer": "give the optimizer to ln.setup(module, optimizer=...)",
+        "metrics": "give the metrics to ln.setup(module, metrics=...)",
+    }
+
+    def __init__(self, method: str, names: Any, valid: Any = ()) -> None:
+        import difflib
+        import inspect
+
+        if callable(valid):
+            params = inspect.signature(valid).parameters.values()
+            valid = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        values = dict(names) if isinstance(names, dict) else {}
+        names, valid = list(names), [v for v in valid if v != "self"]
+        parts = []
+        for name in names:
+            value = values.get(name)
+            shown = repr(value) if isinstance(value, (int, float, bool)) else "..."
+            hint = self._HINTS.get(name, "").format(v=shown)
+            if not hint:
+                close = difflib.get_close_matches(name, valid, n=1)
+                hint = f"did you mean {close[0]}=" if close else ("it takes " + ", ".join(valid))
+            parts.append(f"{method}() got an unexpected keyword argument {name!r}: {hint}.")
+        super().__init__(" ".join(parts))
+        self.names = names
+
+
+__all__.append("UnexpectedArgumentError")

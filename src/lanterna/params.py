@@ -111,7 +111,7 @@ def param_groups(
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        key = _option_key(name, options)
+        key = _option_key(name, options)  # type: ignore[assignment]
         if key is not None:
             used_keys.add(key)
         groups.setdefault((key, name not in no_decay), []).append(p)
@@ -123,7 +123,7 @@ def param_groups(
             f"globs over parameter names such as {names}."
         )
     out: list[dict[str, Any]] = []
-    for key in [None, *options]:
+    for key in [None, *options]:  # type: ignore[assignment]
         for decay in (True, False):
             params = groups.get((key, decay))
             if not params:
@@ -255,7 +255,7 @@ def with_init(module: type[nn.Module] | Callable[..., nn.Module], init: Callable
             finally:
                 self.__class__ = subclass
 
-        return type(module)(module.__name__, (module,), {
+        return type(module)(module.__name__, (module,), {  # type: ignore[misc]
             "__init__": __init__, "__module__": module.__module__, "__qualname__": module.__qualname__,
             "__doc__": module.__doc__, "__signature__": inspect.signature(module), "lanterna_init": init,
         })

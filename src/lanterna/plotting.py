@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["plot_history"]
+__all__ = ["plot_history", "new_figure"]
 
 _SETS = (("train", "C0", "-"), ("valid", "C1", "--"))
 
@@ -30,6 +30,26 @@ def _has_display() -> bool:
     return gui or bool(os.environ.get("DISPLAY"))
 
 
+def new_figure(figsize: tuple[float, float]) -> Any:
+    """A matplotlib Figure that is shown exactly once: in Jupyter (the inline backend) by the notebook's display
+    of the returned Figure, and not a second time by pyplot at the end of the cell; elsewhere it stays in pyplot
+    (the current figure, for ``plt.show()`` or ``plt.savefig``).
+
+    Args:
+        figsize: width and height in inches.
+
+    >>> from lanterna.plotting import new_figure
+    >>> fig = new_figure((4, 3))
+    >>> ax = fig.subplots(); fig.get_size_inches().tolist()
+    [4.0, 3.0]
+    """
+    plt = _require_matplotlib()  # imports pyplot: in a fresh kernel this registers the inline PNG display
+    fig = plt.figure(figsize=figsize)
+    if "inline" in plt.get_backend():
+        plt.close(fig)  # out of pyplot's manager; fig.savefig and the notebook's display still work
+    return fig
+
+
 def _number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
@@ -38,7 +58,8 @@ def _number(value: Any) -> float | None:
 
 def plot_history(history: list[dict[str, Any]], metrics: Sequence[str] | None = None) -> Any:
     """One panel per metric (loss first, then the metrics in history order), the training curve solid and
-    the validation curve dashed against the epoch; returns the matplotlib Figure.
+    the validation curve dashed against the epoch; returns the matplotlib Figure (in a notebook it is shown
+    once, by the cell's result).
 
     Args:
         history: ``fitted.history``, a list of per-epoch dicts with ``train_<name>`` / ``valid_<name>`` keys.
@@ -53,7 +74,6 @@ def plot_history(history: list[dict[str, Any]], metrics: Sequence[str] | None = 
     >>> import os; os.path.getsize("history.png") > 0
     True
     """
-    plt = _require_matplotlib()
     names: list[str] = []
     for rec in history:
         for key, value in rec.items():
@@ -72,7 +92,8 @@ def plot_history(history: list[dict[str, Any]], metrics: Sequence[str] | None = 
         raise ValueError("The history has no numeric train_/valid_ metrics to plot.")
     ncols = min(len(names), 3)
     nrows = math.ceil(len(names) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.8 * ncols, 3.6 * nrows), squeeze=False)
+    fig = new_figure((4.8 * ncols, 3.6 * nrows))
+    axes = fig.subplots(nrows, ncols, squeeze=False)
     flat = list(axes.flat)
     for ax, name in zip(flat[: len(names)], names, strict=True):
         for set_name, color, style in _SETS:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 from torch import Tensor, nn
@@ -19,11 +19,12 @@ from .core.loop import run_phase
 from .core.step import Stepper
 from .core.world import Local
 from .data import batch_size_of, make_source, split_batch
-from .errors import DataError, LanternaError
+from .errors import DataError, LanternaError, UnexpectedArgumentError
 from .metrics.base import split_metric_spec
 
 if TYPE_CHECKING:
     from .api import Setup
+    from .summary import ModelSummary
 
 __all__ = ["Fitted", "Evaluation"]
 
@@ -114,6 +115,7 @@ class Fitted:
         dataloader_options: Mapping[str, Any] | None = None,
         seed: int | None = None,
         sample_weight: Any = None,
+        **unexpected: NoReturn,
     ) -> Fitted:
         """Train this model ``epochs`` more epochs and return a new :class:`Fitted`: the same model (trained in
         place, as Keras does), its optimizers, its schedulers' and grad scaler's states go on; epochs are
@@ -123,8 +125,19 @@ class Fitted:
         samples as before. A model from ``ln.load`` continues when it was saved with ``optimizer=True``.
 
         Args:
-            data, epochs, valid_data, callbacks, verbose, accelerator, dataloader_options, seed, sample_weight: as
-                in ``Setup.fit``; ``epochs`` counts the new epochs (``(min, max)`` too).
+            data: training data, as in ``Setup.fit``.
+            epochs: how many epochs more (an int, or ``(min, max)`` for early stopping).
+            valid_data: validation data or a fraction of ``data``, as in ``Setup.fit``.
+            callbacks: the callbacks of this call, as in ``Setup.fit``.
+            verbose: as in ``Setup.fit``.
+            accelerator: as in ``Setup.fit``; by default the one the model was trained with.
+            dataloader_options: as in ``Setup.fit``.
+            seed: as in ``Setup.fit``; without it the random generators go on.
+            sample_weight: as in ``Setup.fit``.
+
+        Returns:
+            A new ``Fitted`` whose history holds the earlier epochs and the new ones.
+            **unexpected: none is taken (``batch_size=``, ``lr=`` ...: as in ``Setup.fit``).
 
         >>> import lanterna as ln, torch
         >>> from torch import nn
@@ -134,6 +147,8 @@ class Fitted:
         >>> [h["epoch"] for h in more.history]
         [1, 2, 3, 4, 5]
         """
+        if unexpected:  # batch_size=, epoch=, lr= ...: typed NoReturn so that mypy flags them too
+            raise UnexpectedArgumentError("fit", unexpected, self.fit)
         if self.setup is None:
             raise LanternaError("This Fitted has no setup to train on with (it was built by hand); fit it with "
                                 "ln.setup(...).fit, or load it with ln.load(path).")
@@ -344,6 +359,34 @@ class Fitted:
         from .integrations.export import export
 
         return export(self.model, path, example_input, format=format, **options)
+
+    def summary(self, example_input: Any = None, *, depth: int | None = None) -> ModelSummary:
+        """The model's layer table: name, type, output shape, parameters, trainable, with totals
+        (:func:`lanterna.summary`).
+
+        Args:
+            example_input: one batch input for the output shapes. ``None``: the last batch input the fit saw
+                (kept by the fit at no cost); a loaded model has none, so its table has no shapes.
+            depth: show modules down to this nesting depth only (1: the direct children); ``None``: all.
+
+        Returns:
+            a ``ModelSummary``: printing it shows the table; ``.rows`` and ``.total_params`` hold the numbers.
+
+        >>> import lanterna as ln, torch
+        >>> from torch import nn
+        >>> x, y = torch.randn(32, 3), torch.randn(32, 1)
+        >>> fitted = ln.setup(nn.Linear, loss=nn.MSELoss()).set_hparams(in_features=3, out_features=1).fit(
+        ...     (x, y), epochs=1, verbose=False, dataloader_options={"batch_size": 16})
+        >>> s = fitted.summary()
+        >>> s.total_params, s.output_shape
+        (4, torch.Size([16, 1]))
+        """
+        from .summary import _summarize
+
+        input_from = None
+        if example_input is None and self.context is not None and self.context.input is not None:
+            example_input, input_from = self.context.input, "the last batch the fit saw"
+        return _summarize(self.model, example_input, depth=depth, input_from=input_from)
 
     def __repr__(self) -> str:
         n_params = sum(p.numel() for p in self.model.parameters())

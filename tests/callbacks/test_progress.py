@@ -135,3 +135,13 @@ def test_the_progress_bar_reads_the_loss_without_a_torch_warning(capsys):
         fitted = linear_setup().fit((x, y), epochs=1, verbose=True, callbacks=[bar],
                                     dataloader_options={"batch_size": 8})
     assert len(fitted.history) == 1
+
+
+def test_a_printer_given_in_callbacks_replaces_the_default_one(capsys):
+    """A LiveProgress (a ProgressPrinter subclass) given by the user is the only printer: lines print once."""
+    x, y = torch.randn(32, 3), torch.randn(32, 1)
+    fitted = ln.setup(nn.Linear, loss=nn.MSELoss()).set_hparams(in_features=3, out_features=1).fit(
+        (x, y), epochs=2, verbose=True, callbacks=[ln.callbacks.LiveProgress()])
+    printers = [cb for cb in fitted.context.hooks.callbacks if isinstance(cb, ln.callbacks.ProgressPrinter)]
+    assert len(printers) == 1
+    assert capsys.readouterr().out.count("Epoch 2/2") == 1

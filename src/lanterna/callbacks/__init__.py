@@ -17,16 +17,17 @@ from .mixup import Mixup
 from .model_checkpoint import ModelCheckpoint
 from .nan import TerminateOnNaN
 from .optuna_pruning import OptunaPruning
-from .progress import LiveProgress, ProgressPrinter
+from .progress import LiveProgress, NotebookProgress, ProgressPrinter
 from .warm_start import ResumeFromCheckpoint
 
 __all__ = [
     "AutoResume", "Callback", "CSVLogger", "EarlyStopping", "GradientAccumulation", "GradientClip",
     "KeepBestModel", "LRRecorder", "LRScheduler", "LiveProgress", "MetricsCallback", "ModelCheckpoint",
-    "OptunaPruning", "ProgressPrinter", "TensorBoard", "TerminateOnNaN",
+    "NotebookProgress", "OptunaPruning", "ProgressPrinter", "TensorBoard", "TerminateOnNaN",
     "Mixup", "ResumeFromCheckpoint",
     "FastDevRun", "LimitBatches", "OverfitBatches",
     "EMA", "SWA",
+    "MLflowLogger", "WandbLogger",
 ]
 
 
@@ -36,4 +37,8 @@ def __getattr__(name: str) -> Any:
         from ..integrations.tensorboard import TensorBoard
 
         return TensorBoard
+    if name in ("MLflowLogger", "WandbLogger"):  # optional mlflow / wandb, imported when a logger is created
+        from ..integrations import trackers
+
+        return getattr(trackers, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

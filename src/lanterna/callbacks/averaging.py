@@ -7,7 +7,7 @@ import itertools
 import math
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -179,7 +179,7 @@ class EMA(Callback):
         self._load(state)
 
     def _load(self, state: dict[str, Any]) -> None:
-        _load_averaged(self.averaged, state["averaged"], "EMA")
+        _load_averaged(self.averaged, state["averaged"], "EMA")  # type: ignore[arg-type]
         self.updates = int(state.get("updates", 0))
         self._steps = int(state.get("steps", 0))
 
@@ -233,7 +233,7 @@ class SWA(Callback):
     order = 550
 
     def __init__(self, swa_lr: float | Sequence[float], start_epoch: int, anneal_epochs: int = 5,
-                 anneal_strategy: str = "cos") -> None:
+                 anneal_strategy: Literal["cos", "linear"] = "cos") -> None:
         rates = list(swa_lr) if isinstance(swa_lr, (list, tuple)) else [swa_lr]
         if not rates or any(isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or r <= 0
                             for r in rates):
@@ -245,7 +245,7 @@ class SWA(Callback):
             raise LanternaError(f"SWA(anneal_epochs={anneal_epochs!r}): give an integer >= 0.")
         if anneal_strategy not in ("cos", "linear"):
             raise LanternaError(f"SWA(anneal_strategy={anneal_strategy!r}): give 'cos' or 'linear'.")
-        self.swa_lr = swa_lr if isinstance(swa_lr, (list, tuple)) else float(swa_lr)
+        self.swa_lr = swa_lr if isinstance(swa_lr, (list, tuple)) else float(swa_lr)  # type: ignore[arg-type]
         self.start_epoch = start_epoch
         self.anneal_epochs = anneal_epochs
         self.anneal_strategy = anneal_strategy
@@ -274,7 +274,7 @@ class SWA(Callback):
         # Created up front as in torch's recipe (so they see the optimizer's steps); created, SWALR leaves the
         # rate as it is, except with anneal_epochs=0, which sets swa_lr at once: put back until start_epoch.
         kept = {name: [g["lr"] for g in opt.param_groups] for name, opt in self._optimizers.items()}
-        schedulers = {name: SWALR(opt, self.swa_lr, anneal_epochs=self.anneal_epochs,
+        schedulers = {name: SWALR(opt, self.swa_lr, anneal_epochs=self.anneal_epochs,  # type: ignore[arg-type]
                                   anneal_strategy=self.anneal_strategy) for name, opt in self._optimizers.items()}
         for name, opt in self._optimizers.items():
             for group, lr in zip(opt.param_groups, kept[name], strict=True):
@@ -302,7 +302,8 @@ class SWA(Callback):
         for name, opt in ctx.optimizers.items():  # undo an epoch-end scheduler's change: SWALR sets the rate
             for group, lr in zip(opt.param_groups, self._lrs.get(name, []), strict=False):
                 group["lr"] = lr
-        self.averaged.update_parameters(ctx.model)  # once per epoch: its host read of n_averaged is harmless
+        # once per epoch: its host read of n_averaged is harmless
+        self.averaged.update_parameters(ctx.model)  # type: ignore[union-attr]
         for sched in self.schedulers.values():
             sched.step()
 
@@ -319,7 +320,7 @@ class SWA(Callback):
         for m in self.averaged.module.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
                 for t in (m.running_mean, m.running_var):  # the mean over processes (identity on one)
-                    ctx.world.all_reduce_sum(t).div_(ctx.world_size)
+                    ctx.world.all_reduce_sum(t).div_(ctx.world_size)  # type: ignore[arg-type]
         _copy_into_model(ctx, self.averaged)
 
     def _inputs(self, ctx: Context) -> Iterator[list[Any]]:
@@ -346,6 +347,6 @@ class SWA(Callback):
             raise CheckpointError(f"SWA: the checkpoint anneals the optimizers {sorted(saved)}, this fit has "
                                   f"{sorted(self.schedulers)}. Resume with the same setup, or delete the checkpoint "
                                   "to start afresh.")
-        _load_averaged(self.averaged, state["averaged"], "SWA")
+        _load_averaged(self.averaged, state["averaged"], "SWA")  # type: ignore[arg-type]
         for name, sd in saved.items():
             self.schedulers[name].load_state_dict(sd)

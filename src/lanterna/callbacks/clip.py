@@ -58,7 +58,8 @@ class GradientClip(Callback):
 
     def on_fit_begin(self, ctx: Context) -> None:
         opts = ctx.optimizers
-        self._opts = {None: list(opts.values()), **{name: [opt] for name, opt in opts.items()}}
+        self._opts: dict[str | None, list[torch.optim.Optimizer]] = {
+            None: list(opts.values()), **{name: [opt] for name, opt in opts.items()}}
         self._params = {key: [p for opt in group for g in opt.param_groups for p in g["params"]]
                         for key, group in self._opts.items()}
 

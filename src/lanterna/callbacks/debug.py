@@ -181,4 +181,4 @@ class OverfitBatches(_BatchLimit):
         ordered = in_dataset_order(ctx.train_data, repr(self))
         if ordered is not ctx.train_data:
             self._made.append(ordered)
-        ctx.train_data = ctx.valid_data = FirstBatches(ordered, self.n)
+        ctx.train_data = ctx.valid_data = FirstBatches(ordered, self.n)  # type: ignore[arg-type]

@@ -160,7 +160,7 @@ class LRScheduler(Callback):
 
     def on_epoch_end(self, ctx: Context) -> None:
         if self.plateau:
-            self.scheduler.step(self.monitor.value(ctx))
+            self.scheduler.step(self.monitor.value(ctx))  # type: ignore[union-attr]
         else:
             self.scheduler.step()
 

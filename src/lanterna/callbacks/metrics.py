@@ -63,6 +63,10 @@ class MetricsCallback(Callback):
     """Updates metrics after every batch and computes them at the end of each phase (order -100)."""
 
     order = -100
+    _losses: list[Tensor]  # detached batch losses not yet added to _loss_sum
+    _sizes: list[Any]  # batch sizes (ints) or, under ctx.loss_weight, 0-dim device tensors
+    _pending: list[list[tuple[Any, ...]] | None]  # per metric: buffered batches, or None (updated every batch)
+    _slots: list[tuple[str, Any, Any, list[tuple[Any, ...]] | None]]  # (key, metric, output, pending)
 
     def __init__(self, train: list[Any], valid: list[Any]) -> None:
         self.sets = {"train": self._named(train), "valid": self._named(valid)}
@@ -118,12 +122,12 @@ class MetricsCallback(Callback):
         self._weighted = False
         self._loss_wsum = torch.zeros_like(self._loss_sum)  # Σ ctx.loss_weight
         self._loss_count = 0  # Σ batch size of the batches with a loss and no ctx.loss_weight
-        self._losses: list[Tensor] = []  # detached batch losses not yet added to _loss_sum
-        self._sizes: list[int | Tensor] = []
+        self._losses = []  # detached batch losses not yet added to _loss_sum
+        self._sizes = []
         # per metric: buffered (pred, target) pairs, or None when the metric is updated every batch
         first = ctx.set_name not in self._seen
         self._seen.add(ctx.set_name)
-        self._pending: list[list[tuple[Any, Any]] | None] = [
+        self._pending = [
             [] if self._buffer and isinstance(m, LanternaMetric) and m.fold_batches else None for _, m in self._active]
         self._slots = [(key, m, getattr(m, "_lanterna_output", None), pending)
                        for (key, m), pending in zip(self._active, self._pending)]
@@ -159,7 +163,7 @@ class MetricsCallback(Callback):
             pred, target, weight = ctx.pred, ctx.target, ctx.sample_weight
             n = 0
             for key, m, out, pending in self._slots:
-                args = (_select(pred, out).detach(), _select(target, out))
+                args: tuple[Any, ...] = (_select(pred, out).detach(), _select(target, out))
                 if weight is not None:
                     args += (weight,)
                 if pending is None:

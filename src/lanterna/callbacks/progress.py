@@ -1,11 +1,13 @@
 """Console output in luz's form: ``Epoch 1/200`` / ``Train metrics: Loss: 2.5863 - MAE: 1.2832``.
 
-A live progress bar (tqdm) inside each epoch on a terminal or in a notebook; plain lines elsewhere (CI logs,
-files, SLURM): no carriage returns, never silent by default.
+A live progress bar (tqdm) inside each epoch on a terminal; in a Jupyter notebook one display per fit, updated in
+place (a bar for the current epoch with the fit's ETA, above the lines), left holding only the lines; plain lines
+elsewhere (CI logs, files, SLURM): no carriage returns, never silent by default.
 """
 
 from __future__ import annotations
 
+import html
 import math
 import sys
 import time
@@ -14,7 +16,8 @@ from typing import Any
 from ..core.callback import Callback
 from ..core.context import Context
 
-__all__ = ["ProgressPrinter", "LiveProgress", "format_value", "metrics_line", "make_printer", "is_interactive"]
+__all__ = ["ProgressPrinter", "LiveProgress", "NotebookProgress", "format_value", "metrics_line", "make_printer",
+           "is_interactive", "in_notebook"]
 
 
 def format_value(v: Any) -> str:
@@ -39,17 +42,24 @@ def metrics_line(record: dict[str, Any], set_name: str, display: dict[str, str])
     return f"{title} metrics: " + " - ".join(parts)
 
 
+def in_notebook() -> bool:
+    """True inside a Jupyter kernel (ipykernel), where output is shown as rich displays."""
+    if "ipykernel" not in sys.modules:
+        return False
+    try:
+        from IPython import get_ipython
+
+        shell = get_ipython()
+        return shell is not None and "IPKernelApp" in shell.config
+    except Exception:
+        return False
+
+
 def is_interactive(stream: Any = None) -> bool:
     """True in a terminal or a Jupyter notebook."""
     stream = stream or sys.stdout
-    if "ipykernel" in sys.modules:
-        try:
-            from IPython import get_ipython
-
-            if get_ipython() is not None and "IPKernelApp" in get_ipython().config:
-                return True
-        except Exception:
-            pass
+    if in_notebook():
+        return True
     try:
         return bool(stream.isatty())
     except Exception:
@@ -65,10 +75,14 @@ class ProgressPrinter(Callback):
         print(f"Epoch {ctx.epoch}/{ctx.max_epochs}", flush=True)
 
     def on_epoch_end(self, ctx: Context) -> None:
-        display = ctx.display_names
-        sets = ["train"] + ([ctx.valid_name] if ctx.valid_data is not None else [])
-        lines = [metrics_line(ctx.record, s, display) for s in sets]
-        print("\n".join(line for line in lines if line), flush=True)
+        print("\n".join(epoch_lines(ctx)), flush=True)
+
+
+def epoch_lines(ctx: Context) -> list[str]:
+    """The epoch's ``Train metrics: ...`` / ``Valid metrics: ...`` lines."""
+    sets = ["train"] + ([ctx.valid_name] if ctx.valid_data is not None else [])
+    lines = [metrics_line(ctx.record, s, ctx.display_names) for s in sets]
+    return [line for line in lines if line]
 
 
 class LiveProgress(ProgressPrinter):
@@ -80,7 +94,7 @@ class LiveProgress(ProgressPrinter):
         self.bar: Any = None
 
     def _begin(self, ctx: Context) -> None:
-        from tqdm.auto import tqdm
+        from tqdm.std import tqdm  # a terminal's bar (notebooks get NotebookProgress)
 
         self.bar = tqdm(total=ctx.num_batches, leave=False, dynamic_ncols=True, file=sys.stdout,
                         desc="Train" if ctx.training else "Valid", mininterval=self.interval)
@@ -112,8 +126,109 @@ class LiveProgress(ProgressPrinter):
     on_fit_end = _end
 
 
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rest = divmod(seconds, 3600)
+    return (f"{h}:" if h else "") + "{:02d}:{:02d}".format(*divmod(rest, 60))
+
+
+class NotebookProgress(ProgressPrinter):
+    """Jupyter's form of :class:`ProgressPrinter`: one display per fit, updated in place at most
+    ``refresh_per_second`` times per second — a bar for the current phase with the whole fit's elapsed time and
+    ETA, above luz's lines — and left holding only the lines, as plain text and HTML (no widget), so a saved
+    notebook reads the same when reopened. The default printer in a notebook.
+
+    Args:
+        refresh_per_second: how often the display (and the running loss, read from the device) is refreshed.
+
+    >>> from lanterna.callbacks.progress import NotebookProgress
+    >>> NotebookProgress(refresh_per_second=2).interval
+    0.5
+    """
+
+    def __init__(self, refresh_per_second: float = 4.0) -> None:
+        self.interval = 1.0 / refresh_per_second
+        self.handle: Any = None
+        self.lines: list[str] = []
+        self.bar = ""
+        self.fraction: tuple[int, int | None] = (0, None)
+
+    def on_fit_begin(self, ctx: Context) -> None:
+        from IPython.display import display
+
+        self.lines, self.bar = [], ""
+        self.t0 = self._last = time.monotonic()
+        self.epochs_done, self.epoch_t0, self.done_time = 0, self.t0, 0.0
+        self.handle = display(self._bundle(), raw=True, display_id=True)
+
+    def on_epoch_begin(self, ctx: Context) -> None:
+        self.epoch_t0 = time.monotonic()
+        self.lines.append(f"Epoch {ctx.epoch}/{ctx.max_epochs}")
+
+    def _begin(self, ctx: Context) -> None:
+        self._show(ctx, 0, force=self.epochs_done == 0 and ctx.training)  # the bar shows at once
+
+    on_train_begin = _begin
+    on_valid_begin = _begin
+
+    def _batch_end(self, ctx: Context) -> None:
+        self._show(ctx, ctx.iter)
+
+    on_train_batch_end = _batch_end
+    on_valid_batch_end = _batch_end
+
+    def on_epoch_end(self, ctx: Context) -> None:
+        self.lines += epoch_lines(ctx)
+        self.epochs_done += 1
+        self.done_time = time.monotonic() - self.t0
+        self._show(ctx, ctx.num_batches or ctx.iter)
+
+    def on_fit_end(self, ctx: Context) -> None:
+        if self.handle is not None:
+            self.bar = ""
+            self.handle.update(self._bundle(), raw=True)  # the lines only: what a reopened notebook shows
+            self.handle = None
+
+    def _show(self, ctx: Context, done: int, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.handle is None or (not force and now - self._last < self.interval):
+            return
+        self._last = now
+        total = ctx.num_batches
+        phase = "Train" if ctx.training else "Valid"
+        loss = f" - Loss: {format_value(float(ctx.loss.detach()))}" if ctx.loss is not None and done else ""
+        # the fit's ETA: the mean epoch time so far (in the first epoch: its training share so far)
+        elapsed, in_epoch = now - self.t0, now - self.epoch_t0
+        if self.epochs_done:
+            per_epoch = self.done_time / self.epochs_done
+        else:
+            fraction = (done / total if total else 0.0) if ctx.training else 1.0
+            per_epoch = in_epoch / fraction if fraction else math.nan
+        left = max(per_epoch - in_epoch, 0.0) + per_epoch * (ctx.max_epochs - ctx.epoch)
+        eta = _clock(left) if math.isfinite(left) else "?"
+        count = f"{done}/{total}" if total else f"{done}"
+        self.bar = (f"Epoch {ctx.epoch}/{ctx.max_epochs} {phase}: {count}{loss} "
+                    f"[{_clock(elapsed)} elapsed, ETA {eta}]")
+        self.fraction = (done, total)
+        self.handle.update(self._bundle(), raw=True)
+
+    def _bundle(self) -> dict[str, str]:
+        text = "\n".join(self.lines)
+        if not self.bar:
+            return {"text/plain": text}  # rendered like printed lines; half the size of text + HTML
+        done, total = self.fraction
+        value = f' value="{done}" max="{total}"' if total else ""
+        bar = (f'<div><progress{value} style="width:40%;vertical-align:middle"></progress> '
+               f"<code>{html.escape(self.bar)}</code></div>")
+        return {"text/plain": self.bar + ("\n" + text if text else ""),
+                "text/html": bar + (f"<pre>{html.escape(text)}</pre>" if text else "")}
+
+
 def make_printer(verbose: bool | None) -> ProgressPrinter | None:
-    """The default console callback for ``verbose`` (None = auto: live bar only when interactive)."""
+    """The default console callback for ``verbose`` (None = auto: a live bar only when interactive; in a
+    Jupyter notebook one display updated in place)."""
     if verbose is False:
         return None
+    if in_notebook():
+        return NotebookProgress()
     return LiveProgress() if is_interactive() else ProgressPrinter()

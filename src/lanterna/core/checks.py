@@ -51,6 +51,7 @@ def check_model_call(model: nn.Module, inputs: Any) -> None:
         sig = inspect.signature(forward)
     except (TypeError, ValueError):
         return
+    args: tuple[Any, ...]
     if isinstance(inputs, Mapping):
         args, kwargs, tried = (), dict(inputs), f"model(**input) with keyword inputs {', '.join(map(str, inputs))}"
     elif isinstance(inputs, (tuple, list)):

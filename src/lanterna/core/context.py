@@ -54,9 +54,10 @@ class Context:
     """
 
     # ------------------------------------------------------------------ what is trained
-    model: nn.Module | None = None
-    forward_model: Callable[..., Any] | None = None  # the compiled / DDP-wrapped model that trains, when any
-    eval_forward_model: Callable[..., Any] | None = None  # what validates (DDP: the bare module)
+    # model, forward_model, backward_loss: None only before fit sets them (typed as set: what hooks read)
+    model: nn.Module = None  # type: ignore[assignment]
+    forward_model: Callable[..., Any] = None  # type: ignore[assignment]  # the compiled / DDP-wrapped model that trains
+    eval_forward_model: Callable[..., Any] | None = None  # what validates (DDP: the bare module); None: forward_model
     optimizers: dict[str, torch.optim.Optimizer] = dataclasses.field(default_factory=dict)
     schedulers: list[Any] = dataclasses.field(default_factory=list)
     scaler: Any = None  # torch.amp.GradScaler under precision="16-mixed"
@@ -89,11 +90,11 @@ class Context:
     input: Any = None
     target: Any = None
     pred: Any = None
-    loss: Tensor | None = None
+    loss: Tensor | None = None  # None from batch begin until the loss is computed
     # the denominator of the batch's mean loss when it is not the batch size (a 0-dim tensor on the device:
     # Σ class weights of the targets for CrossEntropyLoss(weight=...), the non-ignored count for ignore_index)
     loss_weight: Tensor | None = None
-    backward_loss: Tensor | None = None  # what ctx.backward differentiates; a callback may rescale it
+    backward_loss: Tensor = None  # type: ignore[assignment]  # what ctx.backward differentiates; a callback may rescale it
     sample_weight: Tensor | None = None  # the batch's sample weights (fit(sample_weight=...)), on the device
     batch_size: int = 0
     # ------------------------------------------------------------------ what is recorded
@@ -108,7 +109,7 @@ class Context:
     world: Local = dataclasses.field(default_factory=Local)
     rank: int = -1  # -1: taken from the world
     world_size: int = -1
-    is_main: bool | None = None
+    is_main: bool = None  # type: ignore[assignment]  # None: taken from the world (__post_init__)
     stepper: Any = dataclasses.field(default=None, repr=False)  # core.step.Stepper: the batch's mechanics
     _logs: dict[str, list[Any]] = dataclasses.field(default_factory=dict, repr=False)
 

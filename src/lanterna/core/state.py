@@ -121,7 +121,7 @@ def _versions(ctx: Context) -> dict[str, str]:
 
 def _model_differences(ctx: Context, state: dict[str, Any]) -> list[str]:
     expected = ctx.model.state_dict()
-    saved = state.get("model") if isinstance(state.get("model"), dict) else {}
+    saved: Any = state.get("model") if isinstance(state.get("model"), dict) else {}
     missing = [k for k in expected if k not in saved]
     unexpected = [k for k in saved if k not in expected]
     shapes = [f"{k}: saved {tuple(saved[k].shape)}, this model {tuple(expected[k].shape)}" for k in expected
@@ -314,7 +314,7 @@ def restore_training_state(ctx: Context, state: dict[str, Any], *, where: str = 
 
 
 def _save_phase_states(ctx: Context) -> dict[str, Any]:
-    return {key: cb.phase_state_dict() for key, cb in keyed_callbacks(ctx)
+    return {key: cb.phase_state_dict() for key, cb in keyed_callbacks(ctx)  # type: ignore[attr-defined]
             if callable(getattr(cb, "phase_state_dict", None))}
 
 
@@ -330,7 +330,7 @@ def _load_logs(ctx: Context, saved: Any, where: str) -> None:
 def _load_phase_states(ctx: Context, saved: Any, where: str) -> None:
     for key, cb in keyed_callbacks(ctx):
         if key in (saved or {}) and callable(getattr(cb, "load_phase_state_dict", None)):
-            cb.load_phase_state_dict(saved[key])
+            cb.load_phase_state_dict(saved[key])  # type: ignore[attr-defined]
 
 
 PHASE_PARTS: tuple[Part, ...] = (

@@ -221,7 +221,7 @@ class Stepper:
 
     # ------------------------------------------------------------------ a module's own step(ctx)
     def _own_valid_batch(self) -> None:
-        self.ctx.model.step(self.ctx)
+        self.ctx.model.step(self.ctx)  # type: ignore[operator]
 
     def _own_train_batch(self) -> None:
         """The module's ``step(ctx)``: it sets ``ctx.pred`` / ``ctx.loss`` and calls ``ctx.backward`` and
@@ -231,9 +231,9 @@ class Stepper:
         watch = self._watch
         if watch is True:  # first training batch: find out whether step() trains anything
             watch = self._watch = _BackwardWatch(ctx)
-        ctx.model.step(ctx)
+        ctx.model.step(ctx)  # type: ignore[operator]
         if watch is not None:
-            watch.check(ctx, self._did_backward)
+            watch.check(ctx, self._did_backward)  # type: ignore[union-attr]
             self._watch = None
         if not ctx.accumulating:
             # Gradients no optimizer consumed in this batch (a generator's loss reaching the discriminator) must

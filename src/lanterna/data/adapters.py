@@ -218,7 +218,7 @@ def _weighted_dataset(ds: Dataset, sample_weight: Any, *, train: bool, options: 
     if options.get("batch_size", 1) is None:
         raise DataError("sample_weight needs batches: dataloader_options['batch_size'] is None.")
     opts = {**options, "collate_fn": WeightedCollate(options.get("collate_fn"))}
-    src = _from_dataset(WeightedSamples(ds, weight), train=train, options=opts, what=what)
+    src = _from_dataset(WeightedSamples(ds, weight), train=train, options=opts, what=what)  # type: ignore[assignment]
     src.weighted = True
     return src
 
@@ -315,5 +315,5 @@ def _user_stacklevel() -> int:
     """The ``stacklevel`` that makes a warning raised by our caller point at the first frame outside lanterna."""
     frame, level = sys._getframe(1), 1
     while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
-        frame, level = frame.f_back, level + 1
+        frame, level = frame.f_back, level + 1  # type: ignore[assignment]
     return level

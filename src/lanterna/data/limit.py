@@ -109,8 +109,8 @@ def in_dataset_order(source: BatchSource, what: str) -> BatchSource:
         ordered.shuffle = False
         sampler = getattr(source, "sampler", None)  # a DDP shard deals its samples with its own sampler
         if sampler is not None and getattr(sampler, "shuffle", False):
-            ordered.sampler = copy.copy(sampler)
-            ordered.sampler.shuffle = False
+            ordered.sampler = copy.copy(sampler)  # type: ignore[attr-defined]
+            ordered.sampler.shuffle = False  # type: ignore[attr-defined]
         return ordered
     if isinstance(source, LoaderBatches):
         dl = source.loader
@@ -119,7 +119,7 @@ def in_dataset_order(source: BatchSource, what: str) -> BatchSource:
             return source
         name = custom_sampler(dl)
         if name is None:  # the default sampler over the whole dataset, shuffled
-            sampler: Any = SequentialSampler(dl.dataset)
+            sampler: Any = SequentialSampler(dl.dataset)  # type: ignore[no-redef, arg-type]
         elif plain_batches and hasattr(dl.sampler, "shuffle") and hasattr(dl.sampler, "rank"):
             sampler = copy.copy(dl.sampler)  # a DDP shard (ShardSampler, DistributedSampler), in order
             sampler.shuffle = False

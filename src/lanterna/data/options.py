@@ -68,7 +68,8 @@ _OPTION_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "batch_size": (lambda v: v is None or (_is_int(v) and v >= 1), "a positive integer"),
     "num_workers": (lambda v: _is_int(v) and v >= 0, "a non-negative integer (0: load in the main process)"),
     "prefetch_factor": (lambda v: v is None or (_is_int(v) and v >= 1), "a positive integer or None"),
-    "timeout": (lambda v: isinstance(v, numbers.Real) and not _is_bool(v) and v >= 0, "a number of seconds >= 0"),
+    "timeout": (lambda v: isinstance(v, numbers.Real) and not _is_bool(v) and v >= 0,  # type: ignore[operator]
+                "a number of seconds >= 0"),
     "generator": (lambda v: v is None or isinstance(v, torch.Generator), "a torch.Generator or None"),
     **{k: (_is_bool, "True or False") for k in ("shuffle", "drop_last", "pin_memory", "persistent_workers",
                                                  "in_order")},

@@ -59,6 +59,8 @@ class TensorBatches(BatchSource):
     [4, 4, 2]
     """
 
+    num_samples: int  # always known for in-memory tensors
+
     def __init__(
         self,
         leaves: list[Tensor],

@@ -153,7 +153,8 @@ class Distributed(Local):
                     "yields this rank's indices), or pass the Dataset / tensors and let lanterna shard them."
                 )
             shuffle = train and type(dl.sampler) is RandomSampler
-            sampler = ShardSampler(len(dl.dataset), self.rank, self.world_size, shuffle=shuffle, seed=self.seed)
+            sampler = ShardSampler(len(dl.dataset), self.rank, self.world_size,  # type: ignore[arg-type]
+                                   shuffle=shuffle, seed=self.seed)
             return LoaderBatches(DataLoader(dl.dataset, sampler=sampler, **loader_options(dl)), source.device,
                                  owned=True, weighted=source.weighted)
         return source
@@ -161,7 +162,8 @@ class Distributed(Local):
     @staticmethod
     def total_samples(source: BatchSource) -> int:
         """Samples over all ranks of a source made by :meth:`shard`."""
-        sampler = source.sampler if isinstance(source, _ShardedTensorBatches) else source.loader.sampler
+        sampler = (source.sampler if isinstance(source, _ShardedTensorBatches)
+                   else source.loader.sampler)  # type: ignore[attr-defined]
         return sampler.n
 
     def phase_context(self, training: bool) -> contextlib.AbstractContextManager[Any]:

@@ -4,12 +4,18 @@ Every export is reloaded with the format's standard loader and run on the exampl
 match the model's (``atol``/``rtol`` 1e-5), else :class:`~lanterna.errors.ExportError`. ONNX is checked
 with onnxruntime when it is installed (``pip install 'lanterna[onnx]'``). The batch dimension (dim 0 of
 every tensor input) is exported as dynamic where the model allows it.
+
+ONNX inputs are named as they were given: a dict input's keys (``{"X": x, "mask": m}`` → ``X``, ``mask``), else
+forward's parameter names (``forward(self, x, z)`` → ``x``, ``z``), so onnxruntime takes the same dict as the
+model. Outputs are named ``output`` (one tensor), ``output_0``, ``output_1``.. (a tuple) or the keys of a dict
+output. ``input_names=`` / ``output_names=`` override them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import os
 import warnings
 from collections.abc import Iterator, Mapping
@@ -83,6 +89,48 @@ def _dynamic_shapes(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, A
     return out
 
 
+def _leaf_names(name: str, value: Any) -> list[str]:
+    """One name per tensor of ``value`` (in :func:`_tensors` order): ``name`` for a tensor, ``name_0``.. for a
+    tuple, ``name_key`` for a dict."""
+    if isinstance(value, Tensor):
+        return [name]
+    if isinstance(value, Mapping):
+        return [n for k, v in value.items() for n in _leaf_names(f"{name}_{k}", v)]
+    if isinstance(value, (tuple, list)):
+        return [n for i, v in enumerate(value) for n in _leaf_names(f"{name}_{i}", v)]
+    return []
+
+
+def _input_names(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str]:
+    """ONNX input names, one per tensor of ``(args, kwargs)``: positional inputs take forward's parameter names
+    (``forward(self, x, z)`` → ``x``, ``z``; ``*inputs`` → ``inputs_0``..), keyword inputs their dict keys as
+    given."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        params = []
+    positional = [p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                                       inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    var = next((p.name for p in params if p.kind == inspect.Parameter.VAR_POSITIONAL), "input")
+    names = []
+    for i, value in enumerate(args):
+        if i < len(positional):
+            names += _leaf_names(positional[i], value)
+        else:
+            names += _leaf_names(var if len(args) == 1 and not positional else f"{var}_{i - len(positional)}",
+                                 value)
+    for key, value in kwargs.items():
+        names += _leaf_names(str(key), value)
+    return names
+
+
+def _output_names(output: Any) -> list[str]:
+    """ONNX output names: ``output`` for a tensor, ``output_0``.. for a tuple, the keys of a dict."""
+    if isinstance(output, Mapping):
+        return [n for k, v in output.items() for n in _leaf_names(str(k), v)]
+    return _leaf_names("output", output)
+
+
 @contextlib.contextmanager
 def _eval(model: nn.Module) -> Iterator[None]:
     was_training = model.training
@@ -134,7 +182,9 @@ def export(
         dynamic_batch: export dim 0 of tensor inputs as dynamic (onnx, exported_program).
         check: reload and compare outputs (for onnx only when onnxruntime is installed).
         atol, rtol: the comparison's tolerances.
-        options: passed to the exporter (e.g. ``opset_version=18``).
+        options: passed to the exporter (e.g. ``opset_version=18``). ONNX names its inputs by a dict input's
+            keys or forward's parameter names and its outputs ``output`` / ``output_0``.. / a dict output's
+            keys; ``input_names=`` and ``output_names=`` replace them.
 
     >>> import tempfile, torch
     >>> from torch import nn
@@ -162,7 +212,7 @@ def export(
                               "dict of keyword inputs.") from e
         try:
             if format == "onnx":
-                _to_onnx(model, path, args, kwargs, dynamic_batch, options)
+                _to_onnx(model, path, args, kwargs, dynamic_batch, options, expected)
             elif format == "torchscript":
                 _to_torchscript(model, path, args, kwargs, options)
             else:
@@ -176,23 +226,37 @@ def export(
             raise ExportError(f"torch could not export {type(model).__name__} to {format}: {type(e).__name__}: "
                               f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
         if check:
-            _check(format, path, args, kwargs, expected, device, atol, rtol)
+            _check(format, path, args, kwargs, expected, device, atol, rtol,
+                   options.get("input_names") or _input_names(model, args, kwargs))
     return path
 
 
 def _to_onnx(model: nn.Module, path: Path, args: tuple[Any, ...], kwargs: dict[str, Any], dynamic: bool,
-             options: dict[str, Any]) -> None:
+             options: dict[str, Any], expected: Any) -> None:
     try:
         import onnx  # noqa: F401
         import onnxscript  # noqa: F401
     except ImportError as e:
         raise ImportError(f"{e.name} is not installed") from e
     opts = {"dynamo": True, "verbose": False, "external_data": False, **options}
+    opts.setdefault("input_names", _input_names(model, args, kwargs))
+    opts.setdefault("output_names", _output_names(expected))
+    names = list(opts["input_names"]) + list(opts["output_names"])
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ExportError(f"ONNX input and output names must be unique; {', '.join(map(repr, repeated))} "
+                          "names more than one. Pass input_names=[...] and output_names=[...] to export.")
     if dynamic and "dynamic_shapes" not in opts:
         opts["dynamic_shapes"] = _dynamic_shapes(model, args, kwargs)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        torch.onnx.export(model, args, str(path), kwargs=kwargs or None, **opts)
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)  # "torchvision is not installed. Skipping torchvision::nms" and alike
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.onnx.export(model, args, str(path), kwargs=kwargs or None, **opts)
+    finally:
+        registration.setLevel(level)
 
 
 def _to_torchscript(model: nn.Module, path: Path, args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -222,7 +286,7 @@ def _to_exported_program(model: nn.Module, path: Path, args: tuple[Any, ...], kw
 
 
 def _check(fmt: str, path: Path, args: tuple[Any, ...], kwargs: dict[str, Any], expected: Any,
-           device: torch.device, atol: float, rtol: float) -> None:
+           device: torch.device, atol: float, rtol: float, input_names: list[str] | None = None) -> None:
     if fmt == "onnx":
         try:
             import onnxruntime as ort
@@ -232,9 +296,10 @@ def _check(fmt: str, path: Path, args: tuple[Any, ...], kwargs: dict[str, Any], 
         inputs = [t.detach().cpu().numpy() for t in _tensors((args, kwargs))]
         names = [i.name for i in session.get_inputs()]
         if len(names) != len(inputs):
-            raise ExportError(f"The ONNX model takes {len(names)} inputs but example_input holds {len(inputs)} "
-                              "tensors; cannot check it.")
-        got = session.run(None, dict(zip(names, inputs)))
+            raise ExportError(f"The ONNX model takes {len(names)} inputs ({', '.join(names)}) but example_input "
+                              f"holds {len(inputs)} tensors; cannot check it.")
+        given = input_names if input_names is not None and set(input_names) == set(names) else names
+        got = session.run(None, dict(zip(given, inputs)))  # by name: a mix-up of inputs shows as a mismatch
     elif fmt == "torchscript":
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*deprecated.*")

@@ -109,7 +109,7 @@ class TensorBoard(Callback):
         self._active = bool(ctx.is_main)
         self._writers = {}
         self._grads = {}
-        self._purge: dict[str, int] | None = None  # decided at the first epoch end, once a resume has run
+        self._purge = None  # decided at the first epoch end, once a resume has run
         if self._active:
             self.log_dir = self.given_log_dir if self.given_log_dir is not None else default_log_dir()
 

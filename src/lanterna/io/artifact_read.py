@@ -209,7 +209,7 @@ def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], Pat
     if not isinstance(header, dict):
         raise DamagedArtifactError(f"{str(path)!r} has a safetensors header that is not a JSON object: it is "
                                    "damaged. Save the model again, or restore it from a backup.")
-    info = header.get("__metadata__")
+    info: Any = header.get("__metadata__")
     text = info.get(_HEADER_KEY) if isinstance(info, dict) else None
     if not isinstance(text, str):
         hint = " (it sits in a folder saved by fitted.save(): load the folder)" if (

@@ -40,7 +40,7 @@ def fsync_dir(folder: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> Path:
+def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], object]) -> Path:
     """Write ``path`` atomically: ``write(f)`` fills a temp file in the same folder, which is flushed,
     fsynced and renamed over ``path``; then the folder is fsynced. Returns ``path``.
 

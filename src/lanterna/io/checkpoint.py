@@ -127,7 +127,7 @@ def _feed(h: Any, obj: Any) -> None:
         h.update(b"t" + struct.pack("<I", len(head)) + head)
         flat = t.contiguous().reshape(-1)
         if flat.numel():
-            h.update(memoryview(flat.view(torch.uint8).numpy()))
+            h.update(memoryview(flat.view(torch.uint8).numpy()))  # type: ignore[arg-type]
     elif isinstance(obj, Mapping):
         h.update(b"d" + struct.pack("<Q", len(obj)))
         for k, v in obj.items():
@@ -189,7 +189,7 @@ def save_checkpoint(path: str | os.PathLike[str], state: Mapping[str, Any]) -> P
     def write(f: IO[bytes]) -> None:
         nonlocal writer
         writer = _Writer(f)
-        torch.save(body, writer)
+        torch.save(body, writer)  # type: ignore[arg-type]
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -249,7 +249,7 @@ def _read(path: Path, mmap: bool) -> dict[str, Any]:
             "damaged. It was not loaded."
         )
     state: Any = _FAILED
-    error: BaseException | None = None
+    error: Any = None  # the last load's exception
     for use_mmap in ((True, False) if mmap else (False,)):
         try:
             state = _torch_load(path, use_mmap)
@@ -257,10 +257,9 @@ def _read(path: Path, mmap: bool) -> dict[str, Any]:
         except Exception as e:  # truncated zip, bit flips in the pickle stream, foreign content ...
             error = e
     if state is _FAILED:
-        e = error
         raise DamagedCheckpointError(
-            f"The checkpoint {str(path)!r} cannot be read ({type(e).__name__}: {_short(e)}); it is truncated or "
-            "corrupt (or not a checkpoint). It was not unpickled beyond torch's weights-only loader."
+            f"The checkpoint {str(path)!r} cannot be read ({type(error).__name__}: {_short(error)}); it is truncated "
+            "or corrupt (or not a checkpoint). It was not unpickled beyond torch's weights-only loader."
         ) from None
     return _check_dict(state, path)
 

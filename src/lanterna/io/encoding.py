@@ -170,7 +170,7 @@ class _Encoder:
             try:
                 params = inspect.signature(cls).parameters.values()
             except (TypeError, ValueError):
-                params, why = [], "its constructor's signature is unknown"
+                params, why = [], "its constructor's signature is unknown"  # type: ignore[assignment]
             for p in params:
                 if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
                     continue

@@ -15,7 +15,7 @@ import operator
 import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -59,6 +59,11 @@ class LanternaMetric(nn.Module, abc.ABC):
     higher_is_better: bool | None = None
     dist_sync: bool = True  # reduce the states across processes in compute() when a process group is running
     fold_batches: bool = True  # one update on concatenated batches equals the per-batch updates (fit buffers)
+    _defaults: dict[str, tuple[Tensor | list[Tensor], str]]  # name -> (default, dist_reduce_fx)
+    _syncing: bool
+
+    if TYPE_CHECKING:  # states are plain attributes set by add_state (nn.Module types them Tensor | Module)
+        def __getattr__(self, name: str) -> Any: ...
 
     def __init__(self) -> None:
         super().__init__()
@@ -68,7 +73,7 @@ class LanternaMetric(nn.Module, abc.ABC):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "compute" in cls.__dict__:
-            cls.compute = _synced(cls.__dict__["compute"])  # type: ignore[method-assign]
+            cls.compute = _synced(cls.__dict__["compute"])  # type: ignore[method-assign, assignment]
 
     # ------------------------------------------------------------------ states
     def add_state(self, name: str, default: Tensor | list, dist_reduce_fx: str = "sum") -> None:

@@ -89,13 +89,17 @@ class LRFinderResult:
         return self.lrs[skip + int(np.argmin(slopes[skip:i_min + 1]))]
 
     def plot(self, *, skip_end: int = 0, suggestion: bool = True) -> Any:
-        """A matplotlib Figure: smoothed loss against learning rate (log scale), the suggestion marked."""
-        try:
-            from matplotlib.figure import Figure
-        except ImportError as e:
-            raise ImportError("LRFinderResult.plot() needs matplotlib: pip install 'lanterna[plot]'.") from e
+        """A matplotlib Figure: smoothed loss against learning rate (log scale), the suggestion marked; in a
+        notebook it is shown once, by the cell's result.
+
+        Args:
+            skip_end: leave out the last ``skip_end`` steps (where the loss shoots up).
+            suggestion: mark :attr:`suggestion` on the curve.
+        """
+        from ..plotting import new_figure
+
         end = len(self.lrs) - skip_end if skip_end else len(self.lrs)
-        fig = Figure(figsize=(6, 4))  # not pyplot's: nothing stays open in its registry
+        fig = new_figure((6, 4))
         ax = fig.subplots()
         ax.plot(self.lrs[:end], self.losses[:end], label="smoothed loss")
         ax.plot(self.lrs[:end], self.raw_losses[:end], alpha=0.3, label="loss")
@@ -230,14 +234,15 @@ def lr_finder(
         raise LanternaError(f"lr_finder() needs an ln.setup(...) Setup, got {type(setup).__name__}.")
 
     sweep = _Sweep(float(start_lr), float(end_lr), steps, float(smooth), float(diverge))
-    quiet = dataclasses.replace(setup, metrics=None) if dataclasses.is_dataclass(setup) else setup
+    quiet = (dataclasses.replace(setup, metrics=None)  # type: ignore[type-var]
+             if dataclasses.is_dataclass(setup) else setup)
     instance = setup.module if isinstance(setup.module, nn.Module) else None
     saved = _ModelState(instance) if instance is not None else None
     devices = _cuda_devices(accelerator)
     py_state, np_state = random.getstate(), np.random.get_state()
     try:
         with torch.random.fork_rng(devices=devices):
-            quiet.fit(
+            quiet.fit(  # type: ignore[union-attr]
                 data, epochs=steps, callbacks=[TerminateOnNaN(enabled=False), *(callbacks or []), sweep],
                 verbose=False, accelerator=accelerator, dataloader_options=dataloader_options, seed=seed,
             )

@@ -169,7 +169,7 @@ def tune(
         except ValueError as e:  # Optuna refuses some changes itself (another log scale or kind for a name)
             if not str(e).startswith("Cannot set different"):
                 raise
-            raise _space_error(study, trial, where, str(e).rstrip(".")) from e
+            raise _space_error(study, trial, where, str(e).rstrip(".")) from e  # type: ignore[misc]
         if first[0]:  # before this process's first fit: the search space must be the study's
             first[0] = False
             error = _space_error(study, trial, where)

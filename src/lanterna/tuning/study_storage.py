@@ -155,7 +155,7 @@ def _describe_storage(storage: Any) -> str:
             return f"the study file {str(path.expanduser().resolve())!r}"
         shown = _PASSWORD.sub(r"//\1:***@", url)
         return f"the study storage {shown!r}"
-    url = getattr(storage, "url", None)  # an RDBStorage
+    url = getattr(storage, "url", None)  # type: ignore[assignment]  # an RDBStorage
     return _describe_storage(url) if isinstance(url, str) else f"the {type(storage).__name__}"
 
 
