@@ -162,3 +162,19 @@ def test_bad_weights_are_refused_before_training(bad, match):
     x, y, _ = _data()
     with pytest.raises(ln.DataError, match=match):
         _setup().fit((x, y), epochs=1, verbose=False, sample_weight=bad)
+
+
+def test_a_wrapped_source_keeps_the_weights():
+    """Sources that wrap others (FastDevRun's, a resume's batch skipper) carry the weights through."""
+    x, y, w = _data()
+    fitted = _setup().fit((x, y), epochs=1, verbose=False, sample_weight=w, callbacks=[ln.callbacks.FastDevRun()],
+                          dataloader_options={"batch_size": 16, "shuffle": False})
+    torch.manual_seed(0)
+    ref = _setup().fit((x[:16], y[:16]), epochs=1, verbose=False, sample_weight=w[:16],
+                       dataloader_options={"batch_size": 16, "shuffle": False}, seed=0)
+    torch.manual_seed(0)
+    again = _setup().fit((x, y), epochs=1, verbose=False, sample_weight=w, callbacks=[ln.callbacks.FastDevRun()],
+                         dataloader_options={"batch_size": 16, "shuffle": False}, seed=0)
+    for p, q in zip(again.model.parameters(), ref.model.parameters()):
+        assert torch.equal(p, q)
+    assert fitted.history[0]["train_loss"] > 0

@@ -8,6 +8,7 @@ Each replaces the fit's batch sources at ``on_fit_begin`` with a :class:`lantern
 
 from __future__ import annotations
 
+import abc
 from typing import Any
 
 from ..core.callback import Callback
@@ -36,7 +37,7 @@ def _count(value: Any, name: str, fractions: bool) -> int | float | None:
     return value
 
 
-class _BatchLimit(Callback):
+class _BatchLimit(Callback, abc.ABC):
     """Swaps the fit's batch sources at fit begin and puts them back at fit end."""
 
     order = -900  # before every on_fit_begin that reads the sources (LRScheduler's OneCycleLR, AutoResume)
@@ -52,8 +53,9 @@ class _BatchLimit(Callback):
         self._saved, self._made = (ctx.train_data, ctx.valid_data), []
         self.limit(ctx)
 
-    def limit(self, ctx: Context) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def limit(self, ctx: Context) -> None:
+        """Swap in the limited sources (``ctx.train_data`` / ``ctx.valid_data``)."""
 
     def on_fit_end(self, ctx: Context) -> None:
         if self._saved is not None:

@@ -12,12 +12,12 @@ from torch.utils.data import BatchSampler, DataLoader, IterableDataset, Sequenti
 
 from ..errors import DataError
 from .options import custom_sampler, loader_options
-from .sources import BatchSource, LoaderBatches, TensorBatches
+from .sources import BatchSource, LoaderBatches, TensorBatches, WrappedSource
 
 __all__ = ["FirstBatches", "in_dataset_order"]
 
 
-class FirstBatches(BatchSource):
+class FirstBatches(WrappedSource):
     """The first ``n`` batches of every pass over ``source`` (all of them when it has fewer). The pass is
     drawn as a whole one would be (the same shuffle), then left after ``n`` batches.
 
@@ -34,22 +34,12 @@ class FirstBatches(BatchSource):
     """
 
     def __init__(self, source: BatchSource, n: int) -> None:
-        self.source, self.n = source, int(n)
-        self.num_samples = source.num_samples
+        super().__init__(source)
+        self.n = int(n)
 
     def num_batches(self) -> int | None:
         total = self.source.num_batches()
         return self.n if total is None else min(self.n, total)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.source.set_epoch(epoch)
-
-    def to_device(self, device: torch.device) -> BatchSource:
-        self.source.to_device(device)
-        return self
-
-    def close(self) -> None:
-        self.source.close()
 
     def __iter__(self) -> Iterator[Any]:
         if self.n <= 0:

@@ -12,14 +12,14 @@ import torch
 from torch.utils.data import DataLoader, Sampler, Subset
 
 from ..errors import CheckpointError
-from .sources import BatchSource, TensorBatches
+from .sources import BatchSource, TensorBatches, WrappedSource
 
 __all__ = ["SkipBatches", "source_generators", "data_fingerprint"]
 
 _END = object()
 
 
-class SkipBatches(BatchSource):
+class SkipBatches(WrappedSource):
     """The rest of an epoch interrupted after ``done`` training batches: ``source`` is iterated from the
     start (drawing the epoch's shuffle exactly as the interrupted run did), its first ``done`` batches are
     dropped, then ``after_skip`` runs (AutoResume puts back the RNG states of the moment of the interruption)
@@ -39,22 +39,12 @@ class SkipBatches(BatchSource):
     """
 
     def __init__(self, source: BatchSource, done: int, after_skip: Callable[[], None] | None = None) -> None:
-        self.source, self.done, self.after_skip = source, done, after_skip
-        self.num_samples = source.num_samples
+        super().__init__(source)
+        self.done, self.after_skip = done, after_skip
 
     def num_batches(self) -> int | None:
         n = self.source.num_batches()
         return None if n is None else n - self.done
-
-    def set_epoch(self, epoch: int) -> None:
-        self.source.set_epoch(epoch)
-
-    def to_device(self, device: torch.device) -> BatchSource:
-        self.source.to_device(device)
-        return self
-
-    def close(self) -> None:
-        self.source.close()
 
     def __iter__(self) -> Iterator[Any]:
         it = iter(self.source)

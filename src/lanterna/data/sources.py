@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from .structure import flatten, move_to, unflatten
 
-__all__ = ["BatchSource", "TensorBatches", "LoaderBatches", "auto_num_workers"]
+__all__ = ["BatchSource", "WrappedSource", "TensorBatches", "LoaderBatches", "auto_num_workers"]
 
 
 class BatchSource:
@@ -44,6 +44,32 @@ class BatchSource:
 
     def close(self) -> None:
         """Release what the source holds between epochs (worker processes); called when fit/predict ends."""
+
+
+class WrappedSource(BatchSource):
+    """A source over another one (its batches skipped, cut short ...): it delegates the number of samples,
+    whether batches carry sample weights, epochs, devices and closing. Subclasses define ``__iter__``."""
+
+    def __init__(self, source: BatchSource) -> None:
+        self.source = source
+        self.num_samples = source.num_samples
+
+    @property
+    def weighted(self) -> bool:  # type: ignore[override]
+        return self.source.weighted
+
+    def num_batches(self) -> int | None:
+        return self.source.num_batches()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.source.set_epoch(epoch)
+
+    def to_device(self, device: torch.device) -> BatchSource:
+        self.source.to_device(device)
+        return self
+
+    def close(self) -> None:
+        self.source.close()
 
 
 class TensorBatches(BatchSource):

@@ -7,6 +7,7 @@ wandb are optional dependencies, imported only when a logger is created.
 
 from __future__ import annotations
 
+import abc
 import numbers
 import os
 import tempfile
@@ -89,7 +90,7 @@ def fit_params(ctx: Context) -> dict[str, Any]:
     return params
 
 
-class _Tracker(Callback):
+class _Tracker(Callback, abc.ABC):
     """What both trackers share: the run is opened at the first epoch (after AutoResume, order 1200, has
     restored this callback's state at ``on_fit_begin``, so a resumed fit reopens the same run), each epoch's
     record is logged at epoch end (order 800: after the scheduler step and KeepBestModel, before checkpoints,
@@ -163,20 +164,25 @@ class _Tracker(Callback):
             self._log_model(folder)
 
     # ------------------------------------------------------------------ per tracker
+    @abc.abstractmethod
     def _open(self, ctx: Context) -> str:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def _reopen(self, ctx: Context, run_id: str) -> str:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def _log(self, metrics: dict[str, float], epoch: int) -> None:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def _log_model(self, folder: Path) -> None:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def _close(self, ctx: Context, status: str) -> None:
-        raise NotImplementedError
+        ...
 
 
 class MLflowLogger(_Tracker):
