@@ -1,4 +1,9 @@
-"""The composition root: ``ln.setup(...) → Setup → .fit(...) → Fitted`` (README.md, "Quick start")."""
+"""The composition root: ``ln.setup(...) → Setup → .fit(...) → Fitted`` (README.md, "Quick start").
+
+(Over 350 lines: ``Setup.fit`` assembles every part of a fit — sources, model, optimizers, context, callbacks,
+the continued fit's restore — and its long docstrings are the public reference; the parts themselves live in
+``core/``, ``data/`` and ``callbacks/``.)
+"""
 
 from __future__ import annotations
 
@@ -47,7 +52,18 @@ MetricSpec = LanternaMetric | nn.Module | Sequence[LanternaMetric | nn.Module] |
 
 
 def seed_everything(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's (CPU and CUDA) global generators."""
+    """Seed Python's, NumPy's and torch's (CPU and CUDA) global generators.
+
+    Args:
+        seed: the seed (NumPy gets it modulo 2**32).
+
+    >>> import random, torch
+    >>> import lanterna as ln
+    >>> ln.seed_everything(3); first = (random.random(), torch.rand(2))
+    >>> ln.seed_everything(3); second = (random.random(), torch.rand(2))
+    >>> first[0] == second[0], torch.equal(first[1], second[1])
+    (True, True)
+    """
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -57,6 +73,17 @@ def seed_everything(seed: int) -> None:
 class Setup:
     """A declared training setup: module, loss, optimizer, metrics and hyperparameters. Immutable; every
     ``set_*`` returns a new Setup, so one Setup can be fitted many times.
+
+    Made by :func:`setup`; the fields are its arguments plus the hyperparameters.
+
+    Args:
+        module: the model: an ``nn.Module`` class, a factory called with the hparams, or a built instance.
+        loss: the loss function (or one per output of a multi-output model: a list or a dict).
+        optimizer: an optimizer class or a factory ``(params, **opt_hparams) -> Optimizer``; default Adam.
+        metrics: metrics computed every epoch (a list, or a :class:`~lanterna.metrics.MetricSet`).
+        loss_weights: the weights of the losses of a multi-output model.
+        hparams: keyword arguments the module is built with (``set_hparams``).
+        opt_hparams: keyword arguments the optimizer is built with (``set_opt_hparams``).
 
     >>> import lanterna as ln
     >>> from torch import nn
@@ -277,6 +304,18 @@ def setup(
     loss_weights: Sequence[float] | Mapping[str, float] | None = None,
 ) -> Setup:
     """Declare what to train and how (README.md, "Quick start").
+
+    Args:
+        module: the model: an ``nn.Module`` class (built with the hparams of ``set_hparams``), a factory
+            called with them, or a built instance.
+        loss: the loss function; for a multi-output model, one per output (a list) or per output key (a dict).
+        optimizer: an optimizer class or a factory ``(params, **opt_hparams) -> Optimizer``; default Adam.
+        metrics: metrics computed every epoch: ``ln.metrics`` objects or torchmetrics metrics, a list of them,
+            or a :class:`~lanterna.metrics.MetricSet`.
+        loss_weights: the weights of the losses of a multi-output model (a list, or a dict by output key).
+
+    Returns:
+        An immutable :class:`Setup`; ``set_hparams``, ``set_opt_hparams`` and ``fit`` come next.
 
     >>> import lanterna as ln, torch
     >>> from torch import nn

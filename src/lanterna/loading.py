@@ -121,6 +121,13 @@ def load_fitted(
         metrics: the metrics for ``evaluate``; default: the recorded ones.
         accelerator: where the model runs; default ``ln.Accelerator()``.
 
+    Returns:
+        The :class:`~lanterna.Fitted`, ready for ``predict``, ``evaluate`` and ``save``.
+
+    Raises:
+        DamagedArtifactError: when the file does not match its recorded checksum.
+        ModelMismatchError: when the weights do not fit the module (missing, unexpected or reshaped entries).
+
     >>> import lanterna as ln, tempfile, torch
     >>> from torch import nn
     >>> x, y = torch.randn(64, 3), torch.randn(64, 1)

@@ -85,6 +85,20 @@ def param_groups(
     This is the hand-built ``[{'params': net[0].weight, 'weight_decay': wd}, {'params': net[0].bias}]``
     for any model; use it in ``set_optimizers`` or with a plain optimizer.
 
+    Args:
+        model: the model whose trainable parameters are grouped.
+        weight_decay: the weight decay of the weights; None: the optimizer's own.
+        exclude: globs over parameter names that get no weight decay either.
+        options: per-group options by submodule name or parameter-name glob (``{"head": {"lr": 1e-4}}``).
+
+    Returns:
+        The parameter groups: dicts with ``"params"``, ``"name"`` and, where set, ``"weight_decay"`` and the
+        options.
+
+    Raises:
+        LanternaError: when ``model`` is not an ``nn.Module``, has no trainable parameters, or an ``options``
+            entry is not a dict or sets ``params``.
+
     >>> import torch
     >>> from torch import nn
     >>> from lanterna import param_groups
@@ -203,6 +217,15 @@ def with_param_groups(
     norm-layer parameters always get 0. ``options`` gives per-module options (``{"head": {"lr": 1e-2}}``),
     as in :func:`param_groups`.
 
+    Args:
+        optimizer: the optimizer class (or factory) to wrap, such as ``torch.optim.AdamW``.
+        weight_decay: the weight decay of the weights; None: the ``weight_decay`` of ``set_opt_hparams``.
+        exclude: globs over parameter names that get no weight decay either.
+        options: per-group options by submodule name or parameter-name glob, as in :func:`param_groups`.
+
+    Returns:
+        A factory ``(params, **opt_hparams) -> Optimizer`` to pass as ``optimizer=``.
+
     >>> import lanterna as ln, torch
     >>> from torch import nn
     >>> setup = (ln.setup(nn.Linear, loss=nn.MSELoss(), optimizer=ln.with_param_groups(torch.optim.AdamW))
@@ -222,6 +245,17 @@ def with_init(module: type[nn.Module] | Callable[..., nn.Module], init: Callable
     signature: hparams are checked against it, ``isinstance(model, Net)`` holds, and a saved model reloads
     with ``ln.load(path)`` as the class itself. For a factory function the result is a factory.
     The alternative is to call ``self.apply(init_weights)`` at the end of the module's ``__init__``.
+
+    Args:
+        module: an ``nn.Module`` class or a factory function returning a module.
+        init: a function applied to every submodule, as ``model.apply(init)``.
+
+    Returns:
+        A subclass of ``module`` (for a class) or a factory (for a function) whose models are initialised.
+
+    Raises:
+        LanternaError: when ``module`` is a built instance or not callable, ``init`` is not callable, or the
+            factory returns something other than an ``nn.Module``.
 
     >>> import lanterna as ln, torch
     >>> from torch import nn

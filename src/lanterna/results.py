@@ -1,4 +1,8 @@
-"""What fit returns: :class:`Fitted` (model, history, predict, evaluate, plot) and :class:`Evaluation`."""
+"""What fit returns: :class:`Fitted` (model, history, predict, evaluate, plot) and :class:`Evaluation`.
+
+(Over 350 lines: ``Fitted`` is the public object users work with — predict, evaluate, fit on, save, export,
+summary — and most of its length is their documented signatures; each delegates to the module that does the work.)
+"""
 
 from __future__ import annotations
 
@@ -33,6 +37,9 @@ class Evaluation:
     """Metrics over a whole data set. ``.metrics`` is ``{"loss": …, "mae": …}``; ``repr`` prints one
     ``name: value`` per line.
 
+    Args:
+        metrics: the values by name (``"loss"`` first), as ``Fitted.evaluate`` computes them.
+
     >>> from lanterna.results import Evaluation
     >>> Evaluation({"loss": 0.92712, "mae": 0.7348})
     loss: 0.9271
@@ -51,6 +58,24 @@ class Evaluation:
 
 class Fitted:
     """A trained model and its history (README.md; saving and export: docs/saving.md).
+
+    ``Setup.fit`` and :func:`~lanterna.load` make it; most arguments are also its attributes.
+
+    Args:
+        model: the trained model (put in eval mode).
+        setup: the ``ln.Setup`` that was fitted (None for a loaded model without one).
+        history: one dict per epoch (``epoch``, ``train_loss``, ``valid_*`` ...).
+        optimizers: the optimizers by name, as they ended the fit.
+        accelerator: where the model runs; default: the model's device.
+        forward_model: what predict calls (the compiled model); default: ``model``.
+        loss_fn: the loss ``evaluate`` reports.
+        metrics: the metrics ``evaluate`` computes.
+        total_time: the fit's wall time in seconds.
+        status: how the fit ended: ``"completed"``, ``"stopped_early"``, ``"stopped"``, ``"interrupted"`` ...
+        context: the fit's :class:`~lanterna.Context`.
+        distributed: under torchrun, the processes that predict / evaluate shard and gather over; else None.
+        split_seed: the seed of the ``valid_data=<fraction>`` split, if one was made.
+        saved_state: the optimizer and callback state read back by :func:`~lanterna.load`.
 
     >>> import lanterna as ln, torch
     >>> from torch import nn

@@ -29,6 +29,12 @@ class GradientAccumulation(Callback):
     ``DDP.no_sync`` does): one all-reduce per optimizer step; where shards end unevenly, the last group of an
     epoch syncs every batch so that all ranks agree.
 
+    Args:
+        n_batches: the number of batches whose gradients make one optimizer step (a positive integer).
+
+    Raises:
+        LanternaError: when ``n_batches`` is not a positive integer.
+
     >>> import lanterna as ln, torch
     >>> from torch import nn
     >>> x, y = torch.randn(64, 3), torch.randn(64, 1)

@@ -60,7 +60,22 @@ def _select(obj: Any, output: Any) -> Any:
 
 
 class MetricsCallback(Callback):
-    """Updates metrics after every batch and computes them at the end of each phase (order -100)."""
+    """Updates metrics after every batch and computes them at the end of each phase (order -100).
+
+    ``fit`` adds it with the setup's metrics; the values land in ``ctx.record`` and the history.
+
+    Args:
+        train: the metrics of the training phase.
+        valid: the metrics of the validation phase.
+
+    >>> import lanterna as ln, torch
+    >>> from torch import nn
+    >>> setup = ln.setup(nn.Linear, loss=nn.MSELoss(), metrics=[ln.metrics.MAE()])
+    >>> fitted = setup.set_hparams(in_features=3, out_features=1).fit(
+    ...     (torch.randn(8, 3), torch.randn(8, 1)), epochs=1, verbose=False)
+    >>> "train_mae" in fitted.history[-1]
+    True
+    """
 
     order = -100
     _losses: list[Tensor]  # detached batch losses not yet added to _loss_sum

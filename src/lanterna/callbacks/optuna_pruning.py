@@ -36,6 +36,11 @@ class OptunaPruning(Callback):
     monitored metric's direction (its ``higher_is_better``) is checked against the study's, and a name whose
     direction cannot be known (a ``ctx.log`` value) takes the study's.
 
+    Args:
+        trial: the ``optuna.Trial`` the objective function receives.
+        monitor: the history key reported every epoch.
+        mode: ``"auto"``, ``"min"`` or ``"max"`` for ``monitor``.
+
     >>> import lanterna as ln, optuna, torch
     >>> from torch import nn
     >>> x = torch.randn(200, 4); y = (x[:, 0] > 0).long()

@@ -67,7 +67,18 @@ def is_interactive(stream: Any = None) -> bool:
 
 
 class ProgressPrinter(Callback):
-    """Prints ``Epoch i/N`` and the epoch's metric lines (order 50, after metrics, before early stopping)."""
+    """Prints ``Epoch i/N`` and the epoch's metric lines (order 50, after metrics, before early stopping).
+
+    ``verbose=True`` adds it (or a progress bar: :class:`LiveProgress`, ``NotebookProgress``) for you.
+
+    >>> import lanterna as ln, torch
+    >>> from torch import nn
+    >>> setup = ln.setup(nn.Linear, loss=nn.MSELoss()).set_hparams(in_features=3, out_features=1)
+    >>> fitted = setup.fit((torch.randn(8, 3), torch.randn(8, 1)), epochs=1, verbose=False,
+    ...                    callbacks=[ln.callbacks.ProgressPrinter()])
+    Epoch 1/1
+    Train metrics: Loss: ...
+    """
 
     order = 50
 
@@ -87,7 +98,21 @@ def epoch_lines(ctx: Context) -> list[str]:
 
 class LiveProgress(ProgressPrinter):
     """:class:`ProgressPrinter` plus a progress bar per phase, refreshed at most ``refresh_per_second``
-    times per second (only then is the running loss read from the device)."""
+    times per second (only then is the running loss read from the device).
+
+    Args:
+        refresh_per_second: the most times per second the bar is redrawn.
+
+    >>> import lanterna as ln, torch
+    >>> from torch import nn
+    >>> setup = ln.setup(nn.Linear, loss=nn.MSELoss()).set_hparams(in_features=3, out_features=1)
+    >>> fitted = setup.fit((torch.randn(8, 3), torch.randn(8, 1)), epochs=1, verbose=False,
+    ...                    callbacks=[ln.callbacks.LiveProgress(refresh_per_second=2)])
+    Epoch 1/1
+    ...Train metrics: Loss: ...
+    >>> len(fitted.history)
+    1
+    """
 
     def __init__(self, refresh_per_second: float = 4.0) -> None:
         self.interval = 1.0 / refresh_per_second

@@ -26,16 +26,62 @@ __all__ = ["Context"]
 class Context:
     """Everything a callback may read or change during fit (docs/callbacks.md, "What ctx carries").
 
-    Fields, by group:
+    ``fit`` makes it; a callback reads it and may set ``stop_training``, ``loss_fn`` or ``backward_loss``.
+    By group: what is trained (``model`` ... ``custom_step``), data and bounds (``train_data`` ...
+    ``num_batches``), where the loop is (``epoch`` ... ``current_opt``), the batch (``batch`` ... ``batch_size``),
+    what is recorded (``metrics`` ... ``hooks``) and the processes (``world`` ... ``stepper``).
 
-    - what is trained: ``model, optimizers`` (``opt`` when there is one), ``schedulers, scaler, loss_fn,
-      accelerator, device, setup, custom_step`` (the module has its own ``step(ctx)``);
-    - data and bounds: ``train_data, valid_data, valid_name, min_epochs, max_epochs, start_epoch, num_batches``;
-    - where the loop is: ``epoch`` (1-based), ``iter`` (1-based in the phase), ``step`` (optimizer steps so far),
-      ``training, set_name, status, stop_training, interrupted, accumulating, current_opt``;
-    - the batch: ``batch, input, target, sample_weight, pred, loss, loss_weight, backward_loss, batch_size``;
-    - what is recorded: ``metrics, metric_names, display_names, history, record`` (the current epoch's entry),
-      ``verbose, hooks``; the processes: ``world`` (``rank, world_size, is_main``; ``dist`` under torchrun).
+    Attributes:
+        model: the model being trained (the bare module).
+        forward_model: what the training batches go through (the compiled or DDP-wrapped model).
+        eval_forward_model: what validates (under DDP the bare module); None: ``forward_model``.
+        optimizers: the optimizers by name (``ctx.opt`` when there is one).
+        schedulers: the learning-rate schedulers.
+        scaler: the ``torch.amp.GradScaler`` under ``precision="16-mixed"``, else None.
+        loss_fn: the loss; a callback may replace it and the next loss uses it.
+        accelerator: the :class:`~lanterna.Accelerator` of the run.
+        device: where the model and the batches are.
+        setup: the ``ln.Setup`` being fitted (None for a loaded model's predict / evaluate).
+        custom_step: the module has its own ``step(ctx)``.
+        train_data: the training batches' source.
+        valid_data: the validation batches' source, or None.
+        valid_name: the name of the validation set: ``"valid"``, ``"test"`` in evaluate.
+        min_epochs: no stop (early stopping, ``stop_training``) before this epoch.
+        max_epochs: the last epoch.
+        start_epoch: the epoch a resumed run starts after (0 for a new run).
+        num_batches: the number of batches of the phase under way; None when unknown.
+        epoch: the current epoch (1-based).
+        iter: the current batch of the phase (1-based).
+        step: the optimizer steps so far.
+        training: the training phase is under way (False while validating).
+        set_name: ``"train"``, or the validation set's name.
+        status: ``"running"``, then ``"completed"``, ``"stopped_early"``, ``"stopped"``, ``"interrupted"`` or
+            ``"failed"``.
+        stop_training: set by a callback: stop after this epoch (never before ``min_epochs``).
+        interrupted: Ctrl-C was pressed: stop after this batch.
+        accumulating: this batch's optimizer step is deferred (:class:`~lanterna.callbacks.GradientAccumulation`).
+        current_opt: the optimizer ``ctx.step_optimizer`` is stepping (None: all).
+        batch: the batch as the data gave it.
+        input: the model's input of the batch, on the device.
+        target: the batch's target, on the device.
+        pred: the model's output for the batch.
+        loss: the batch's loss (None from batch begin until it is computed).
+        loss_weight: the denominator of the batch's mean loss when it is not the batch size (a 0-dim tensor).
+        backward_loss: what ``ctx.backward`` differentiates; a callback may rescale it.
+        sample_weight: the batch's sample weights (``fit(sample_weight=...)``), on the device.
+        batch_size: the number of samples in the batch.
+        metrics: the metric objects by set (``"train"``, ``"valid"``).
+        metric_names: the metrics' history keys by set.
+        display_names: the console name of each history key.
+        history: one dict per finished epoch.
+        record: the current epoch's entry of the history.
+        verbose: fit prints progress.
+        hooks: the callbacks of the run, in order.
+        world: the processes: ``rank``, ``world_size``, ``is_main`` (``dist`` under torchrun).
+        rank: this process's rank (-1: taken from ``world``).
+        world_size: the number of processes (-1: taken from ``world``).
+        is_main: this is rank 0 (None: taken from ``world``).
+        stepper: the batch's mechanics (backward, optimizer step), used by ``ctx.backward``.
 
     >>> import lanterna as ln, torch
     >>> from torch import nn

@@ -2,7 +2,8 @@
 
 Both log the fit's hparams and opt_hparams as parameters, every history value of every epoch (step = epoch),
 the saved model (``fitted.save``'s folder) as an artifact, and end the run with the way fit ended. mlflow and
-wandb are optional dependencies, imported only when a logger is created.
+wandb are optional dependencies, imported only when a logger is created. (Over 350 lines: two trackers on one
+base whose run life — open, reopen on resume, log, close with a status — is the same.)
 """
 
 from __future__ import annotations

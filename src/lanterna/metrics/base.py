@@ -4,6 +4,7 @@
 or concatenations over samples), ``update`` / ``compute`` / ``reset`` as in torchmetrics, and states reduced
 across processes inside ``compute`` under DDP. It does not import torchmetrics: importing torchmetrics loads
 scipy and matplotlib (+~100 MB of memory, ~1 s), paid only by users who pass a ``torchmetrics.Metric``.
+(Over 350 lines: the base class and the naming helpers every metric and the metrics callback share.)
 """
 
 from __future__ import annotations
@@ -268,6 +269,14 @@ def named(metric: Any, name: str, *, output: int | str | None = None) -> Any:
     """Give a metric the history key ``name`` (e.g. ``named(MulticlassF1Score(10), "f1")`` → ``valid_f1``);
     ``output`` also binds it to one output of a multi-output model (see :func:`on_output`).
 
+    Args:
+        metric: an ``ln.metrics`` object or a torchmetrics metric.
+        name: the history key (``train_<name>``, ``valid_<name>``).
+        output: an index or key of the model's outputs that the metric is computed on.
+
+    Returns:
+        The same metric object, renamed.
+
     >>> import torchmetrics
     >>> from lanterna.metrics import metric_key, named
     >>> m = named(torchmetrics.MeanSquaredError(), "mse2")
@@ -285,6 +294,13 @@ def on_output(metric: Any, output: int | str) -> Any:
     returned dict. The target is taken the same way when it is a tuple/dict (one target per output), else the
     one shared target is used. Without it, metrics see the main output (the first).
 
+    Args:
+        metric: an ``ln.metrics`` object or a torchmetrics metric.
+        output: an index into the returned tuple (int) or a key of the returned dict (str).
+
+    Returns:
+        The same metric object, bound to that output.
+
     >>> from lanterna.metrics import MAE, metric_key, named, on_output
     >>> aux_mae = named(on_output(MAE(), 1), "aux_mae")   # history: train_aux_mae, valid_aux_mae
     >>> metric_key(aux_mae)
@@ -297,7 +313,18 @@ def on_output(metric: Any, output: int | str) -> Any:
 
 
 def metric_key(metric: Any) -> str:
-    """History key of a metric: its ``named`` name, a lanterna metric's ``name``, or the class name."""
+    """History key of a metric: its ``named`` name, a lanterna metric's ``name``, or the class name.
+
+    Args:
+        metric: an ``ln.metrics`` object or a torchmetrics metric.
+
+    Returns:
+        The key, without the ``train_`` / ``valid_`` prefix.
+
+    >>> from lanterna.metrics import MAE, metric_key, named
+    >>> metric_key(MAE()), metric_key(named(MAE(), "abs_err"))
+    ('mae', 'abs_err')
+    """
     key = getattr(metric, "_lanterna_name", None)
     if key:
         return key
@@ -307,14 +334,37 @@ def metric_key(metric: Any) -> str:
 
 
 def metric_display(metric: Any, key: str) -> str:
-    """Name shown on the console (luz's abbreviations for lanterna metrics)."""
+    """Name shown on the console (luz's abbreviations for lanterna metrics).
+
+    Args:
+        metric: an ``ln.metrics`` object or a torchmetrics metric.
+        key: the metric's history key (from :func:`unique_names`, so maybe with a ``_1`` suffix).
+
+    Returns:
+        The console name: a lanterna metric's ``display_name`` (plus the key's suffix), else the key.
+
+    >>> from lanterna.metrics import MAE, Accuracy, metric_display
+    >>> metric_display(MAE(), "mae"), metric_display(Accuracy(), "acc_1")
+    ('MAE', 'Acc_1')
+    """
     if getattr(metric, "_lanterna_name", None) is None and isinstance(metric, LanternaMetric):
         return metric.display_name + key[len(metric.name):]
     return key
 
 
 def unique_names(metrics: Sequence[Any]) -> list[str]:
-    """History keys for a list of metrics; repeated names get ``_1``, ``_2`` ... suffixes."""
+    """History keys for a list of metrics; repeated names get ``_1``, ``_2`` ... suffixes.
+
+    Args:
+        metrics: the metrics, in order.
+
+    Returns:
+        One key per metric, all different.
+
+    >>> from lanterna.metrics import MAE, RMSE, unique_names
+    >>> unique_names([MAE(), MAE(), RMSE()])
+    ['mae', 'mae_1', 'rmse']
+    """
     seen: dict[str, int] = {}
     out = []
     for m in metrics:
@@ -330,6 +380,10 @@ def unique_names(metrics: Sequence[Any]) -> list[str]:
 
 class MetricSet:
     """Different metrics for training and validation (luz's ``luz_metric_set``).
+
+    Args:
+        train: the metrics computed on the training batches.
+        valid: the metrics computed on the validation data.
 
     >>> from lanterna.metrics import MAE, RMSE, MetricSet
     >>> ms = MetricSet(train=[MAE()], valid=[MAE(), RMSE()])

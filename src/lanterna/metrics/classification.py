@@ -92,6 +92,9 @@ class Accuracy(_Correct):
 class BinaryAccuracy(_Correct):
     """Binary accuracy of probabilities: ``pred > threshold`` against 0/1 targets (float or int).
 
+    Args:
+        threshold: probabilities above it count as class 1.
+
     >>> import torch
     >>> from lanterna.metrics import BinaryAccuracy
     >>> m = BinaryAccuracy(); m.update(torch.tensor([0.9, 0.2, 0.7]), torch.tensor([1, 0, 0]))
@@ -111,6 +114,9 @@ class BinaryAccuracy(_Correct):
 
 class BinaryAccuracyWithLogits(BinaryAccuracy):
     """Binary accuracy of logits: ``sigmoid(pred) > threshold`` against 0/1 targets.
+
+    Args:
+        threshold: probabilities (after the sigmoid) above it count as class 1.
 
     >>> import torch
     >>> from lanterna.metrics import BinaryAccuracyWithLogits
@@ -178,6 +184,9 @@ class BinaryAUROC(_Ranked):
     (the ranking, hence the value, is the same: logits are kept as they are, with no sigmoid to saturate).
     NaN when the epoch has only one class.
 
+    Args:
+        from_logits: the predictions are raw scores (logits), not probabilities.
+
     >>> import torch
     >>> from lanterna.metrics import BinaryAUROC
     >>> m = BinaryAUROC(); m.update(torch.tensor([0.1, 0.4, 0.35, 0.8]), torch.tensor([0, 0, 1, 1]))
@@ -208,6 +217,13 @@ class MulticlassAUROC(_Ranked):
     classes), ``"weighted"`` (by each class's number of samples), ``"micro"`` (one AUROC of all the one-vs-rest
     scores flattened, as scikit-learn's ``roc_auc_score(onehot, scores, average="micro")``) or None (one value
     per class). A class absent from the epoch's targets has no AUROC (NaN) and is left out of the averages.
+
+    Args:
+        num_classes: the number of classes C.
+        average: ``"macro"``, ``"weighted"``, ``"micro"`` or None (one value per class).
+
+    Raises:
+        ShapeMismatchError: when the targets are not class indices of shape (N,) for scores of shape (N, C).
 
     >>> import torch
     >>> from lanterna.metrics import MulticlassAUROC

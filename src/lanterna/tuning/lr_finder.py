@@ -28,10 +28,16 @@ class LRFinderResult:
     ``raw_loss``; ``.plot()`` draws loss against learning rate on a log axis; ``.suggestion`` is a learning
     rate inside the longest stretch where the smoothed loss keeps falling (:meth:`suggest` has others).
 
+    Args:
+        lrs: the learning rates tried, in order.
+        losses: the smoothed loss at each rate.
+        raw_losses: the batch loss at each rate, as measured.
+        diverged: whether the sweep stopped early because the loss diverged.
+
     >>> from lanterna.tuning.lr_finder import LRFinderResult
     >>> r = LRFinderResult([1e-3, 1e-2, 1e-1], [1.0, 0.5, 2.0], [1.0, 0.4, 3.0], diverged=True)
-    >>> r.lrs
-    [0.001, 0.01, 0.1]
+    >>> r.lrs, r.diverged
+    ([0.001, 0.01, 0.1], True)
     """
 
     def __init__(self, lrs: Sequence[float], losses: Sequence[float], raw_losses: Sequence[float], *,
@@ -210,6 +216,26 @@ def lr_finder(
     rate. It leaves no trace: the setup is immutable, a module instance given to ``ln.setup`` gets its
     weights, buffers, gradients, device and train/eval mode back, and the global random generators are
     restored. ``data`` takes every form of ``fit``.
+
+    Args:
+        setup: the ``ln.setup(...)`` to sweep (with its hparams set).
+        data: the training data, in any form ``fit`` takes.
+        start_lr: the first learning rate (> 0).
+        end_lr: the last learning rate (above ``start_lr``).
+        steps: the number of batches (learning rates) tried, at least 2.
+        smooth: the factor of the exponential smoothing of the loss, in [0, 1).
+        diverge: stop when the smoothed loss exceeds this many times its minimum (> 1).
+        accelerator: where to train; default ``ln.Accelerator()``.
+        dataloader_options: ``DataLoader`` arguments, as in ``fit``.
+        callbacks: callbacks run during the sweep, as in ``fit``.
+        seed: seeds the model's initialisation and the data order, as in ``fit``.
+
+    Returns:
+        An :class:`~lanterna.tuning.LRFinderResult` with the rates, the losses and a ``suggestion``.
+
+    Raises:
+        LanternaError: when ``setup`` is not a Setup, an argument is out of range (``start_lr >= end_lr``,
+            ``steps < 2`` ...), or a custom ``step(ctx)`` does not set ``ctx.loss``.
 
     >>> import lanterna as ln, torch
     >>> from torch import nn

@@ -96,6 +96,15 @@ def tune(
         catch: exceptions that fail a trial without ending the study.
         **fit_kwargs: fit's arguments for every trial.
 
+    Returns:
+        The ``optuna.Study`` with this run's trials (and any other worker's).
+
+    Raises:
+        LanternaError: when an argument is invalid (no ``n_trials`` / ``max_trials`` / ``timeout`` limit, an
+            unknown option ...), the study exists and ``load_if_exists`` is False, the study joined has another
+            direction or search space, or its storage is damaged or read-only.
+        MonitorError: when ``mode`` is not ``"auto"``, ``"min"`` or ``"max"``.
+
     >>> import lanterna as ln, torch
     >>> from torch import nn
     >>> x = torch.randn(200, 4); y = (x[:, 0] > 0).long()

@@ -48,9 +48,27 @@ def storage(
     database: ``storage("postgresql://user:pw@host/db")``. ``":memory:"`` gives Optuna's in-memory storage
     (one process, nothing kept).
 
-    >>> import lanterna as ln
-    >>> st = ln.tuning.storage("studies/mnist.db")  # doctest: +SKIP
-    >>> study = optuna.create_study(study_name="mnist", storage=st, load_if_exists=True)  # doctest: +SKIP
+    Args:
+        url: a database URL, the path of a SQLite file or ``":memory:"``; default :data:`DEFAULT_STORAGE`.
+        heartbeat_interval: seconds between a running trial's heartbeats; None turns heartbeats off.
+        grace_period: seconds without a heartbeat after which a trial counts as dead (default: twice the
+            interval).
+        max_retry: how many times a dead trial is retried with the same parameters.
+        timeout: seconds a SQLite connection waits for a lock.
+
+    Returns:
+        An ``optuna.storages.RDBStorage`` (an ``InMemoryStorage`` for ``":memory:"``).
+
+    Raises:
+        LanternaError: when the database is damaged, read-only or unreachable (the error names it and the cause).
+
+    >>> import lanterna as ln, optuna
+    >>> st = ln.tuning.storage("studies.db")
+    >>> study = optuna.create_study(study_name="mnist", storage=st, load_if_exists=True)
+    >>> study.optimize(lambda trial: trial.suggest_float("x", 0, 1) ** 2, n_trials=2)
+    >>> again = optuna.load_study(study_name="mnist", storage=ln.tuning.storage("studies.db"))
+    >>> len(again.trials)
+    2
     """
     optuna = import_optuna()
     if url is not None and os.fspath(url) == ":memory:":  # one process: no database, no heartbeats
