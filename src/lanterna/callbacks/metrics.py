@@ -432,6 +432,8 @@ def _reduce(world: Local, loss_sum: Tensor, denominator: Tensor | int, count: in
     """Sum the loss, its weights, the sample count, the flags (true on any process: losses weighted by
     ctx.loss_weight, a loss seen, a target seen) and the logged sums/weights over the processes, in one
     all-reduce (one process: they are what they are)."""
+    if not world.distributed:  # one process: nothing to sum (and no tensors to build, 400 times in W1)
+        return loss_sum, denominator, count, tuple(bool(f) for f in flags), logs  # type: ignore[return-value]
     dtype, device = loss_sum.dtype, loss_sum.device
     parts = [loss_sum.reshape(1), torch.as_tensor(denominator, dtype=dtype, device=device).reshape(1),
              torch.tensor([float(count), *map(float, flags)], dtype=dtype, device=device)]

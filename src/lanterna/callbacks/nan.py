@@ -103,14 +103,14 @@ class TerminateOnNaN(Callback):
         self._raise_gradient(ctx, grads)
 
     def _params_of(self, ctx: Context, name: str | None) -> tuple[list[torch.Tensor], bool]:
-        """The parameters the optimizer(s) about to step hold, and whether all are on the CPU; cached per
-        optimizer set, rebuilt when a parameter group is added."""
-        opts = tuple(ctx.optimizers.values()) if name is None else (ctx.optimizers[name],)
-        key = (name, tuple((id(o), len(o.param_groups)) for o in opts))
-        cached = self._param_cache.get(key)
+        """The parameters the optimizer(s) about to step hold (all of them when ``name`` is None), and whether
+        all are on the CPU; cached per optimizer name for the fit (a parameter group added during a fit is
+        left to the loss check; the next fit includes it)."""
+        cached = self._param_cache.get(name)
         if cached is None:
+            opts = ctx.optimizers.values() if name is None else (ctx.optimizers[name],)
             params = [p for o in opts for group in o.param_groups for p in group["params"]]
-            cached = self._param_cache[key] = (params, all(p.device.type == "cpu" for p in params))
+            cached = self._param_cache[name] = (params, all(p.device.type == "cpu" for p in params))
         return cached
 
     def _found_on_devices(self, grads: list[torch.Tensor]) -> bool:
