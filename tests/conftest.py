@@ -194,3 +194,17 @@ def clf_setup():
         .set_hparams(d_in=4, d_hidden=16, n_classes=3)
         .set_opt_hparams(lr=0.01)
     )
+
+
+def classifier_setup(metrics, lr=0.01, n_classes=3):
+    """MLPClassifier on 4 features with CrossEntropyLoss and the given metrics."""
+    import lanterna as ln
+
+    return (ln.setup(MLPClassifier, loss=nn.CrossEntropyLoss(), metrics=metrics)
+            .set_hparams(d_in=4, d_hidden=16, n_classes=n_classes).set_opt_hparams(lr=lr))
+
+
+def noisy_blobs(n=240, seed=0):
+    """make_blobs with noise added, so classes overlap and metrics move between epochs."""
+    x, y = make_blobs(n=n, seed=seed)
+    return x + 3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 1)), y

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torchmetrics
-from conftest import MLPClassifier, make_blobs
+from conftest import MLPClassifier, classifier_setup, make_blobs, noisy_blobs
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassPrecision
 
@@ -16,10 +16,7 @@ from lanterna.callbacks import metrics as metrics_module
 from lanterna.callbacks.metrics import MetricsCallback
 from lanterna.core.context import Context
 
-
-def clf(metrics, lr=0.01, n_classes=3):
-    return (ln.setup(MLPClassifier, loss=nn.CrossEntropyLoss(), metrics=metrics)
-            .set_hparams(d_in=4, d_hidden=16, n_classes=n_classes).set_opt_hparams(lr=lr))
+clf = classifier_setup
 
 
 class CountBatches(ln.Callback):
@@ -28,11 +25,6 @@ class CountBatches(ln.Callback):
 
     def on_train_batch_begin(self, ctx):
         self.n += 1
-
-
-def noisy_blobs(n=240, seed=0):
-    x, y = make_blobs(n=n, seed=seed)
-    return x + 3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 1)), y
 
 
 class _ComputeFails(torchmetrics.Metric):

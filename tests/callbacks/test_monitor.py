@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torchmetrics
-from conftest import MLPClassifier, Net, make_blobs, make_luz_data
+from conftest import Net, classifier_setup, make_luz_data, noisy_blobs
 from torch import nn
 from torch.optim import lr_scheduler as S
 from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC, MulticlassF1Score
@@ -14,10 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC, Mul
 import lanterna as ln
 from lanterna.callbacks.monitor import resolve_mode
 
-
-def clf(metrics, lr=0.01, n_classes=3):
-    return (ln.setup(MLPClassifier, loss=nn.CrossEntropyLoss(), metrics=metrics)
-            .set_hparams(d_in=4, d_hidden=16, n_classes=n_classes).set_opt_hparams(lr=lr))
+clf = classifier_setup
 
 
 class CountBatches(ln.Callback):
@@ -26,11 +23,6 @@ class CountBatches(ln.Callback):
 
     def on_train_batch_begin(self, ctx):
         self.n += 1
-
-
-def noisy_blobs(n=240, seed=0):
-    x, y = make_blobs(n=n, seed=seed)
-    return x + 3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 1)), y
 
 
 class _NoDirection(ln.metrics.LanternaMetric):

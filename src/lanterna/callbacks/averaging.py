@@ -47,7 +47,25 @@ def _copy_into_model(ctx: Context, averaged: AveragedModel) -> None:
         torch._foreach_copy_(_tensors(ctx.model, True), _tensors(averaged.module, True))
 
 
-class EMA(Callback):
+class _Averaging(Callback):
+    """What EMA and SWA share: a state loaded before the fit creates the average is kept until it does."""
+
+    averaged: AveragedModel | None
+    _pending: dict[str, Any] | None
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        if self.averaged is None:  # before fit begins: applied when the average is created
+            self._pending = state
+            return
+        self._load(state)
+
+    def _load(self, state: dict[str, Any]) -> None:
+        raise TypeError(f"{type(self).__name__} must define _load")
+
+
+class EMA(_Averaging):
     """An exponential moving average of the weights (torch's ``AveragedModel`` with ``get_ema_multi_avg_fn``,
     parameters and buffers, as Lightning's ``EMAWeightAveraging``), ``W_ema ← decay·W_ema + (1−decay)·W``.
 
@@ -170,13 +188,6 @@ class EMA(Callback):
         self._sync_counter()  # a mid-epoch checkpoint (SIGTERM)
         return {"averaged": self.averaged.state_dict(), "updates": self.updates, "steps": self._steps}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not state:
-            return
-        if self.averaged is None:  # before fit begins: applied when the average is created
-            self._pending = state
-            return
-        self._load(state)
 
     def _load(self, state: dict[str, Any]) -> None:
         _load_averaged(self.averaged, state["averaged"], "EMA")  # type: ignore[arg-type]
@@ -195,7 +206,7 @@ class _CallModel(nn.Module):
         return call_model(self.module, inputs)
 
 
-class SWA(Callback):
+class SWA(_Averaging):
     """Stochastic weight averaging (torch's ``AveragedModel``, ``SWALR`` and ``update_bn``; Izmailov et al.
     2018), the recipe of torch's docs with ``start_epoch`` counted from 1:
 
@@ -333,13 +344,6 @@ class SWA(Callback):
         return {"averaged": self.averaged.state_dict(),
                 "schedulers": {name: s.state_dict() for name, s in self.schedulers.items()}}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not state:
-            return
-        if self.averaged is None:  # before fit begins: applied when the average is created
-            self._pending = state
-            return
-        self._load(state)
 
     def _load(self, state: dict[str, Any]) -> None:
         saved = state.get("schedulers") or {}
