@@ -140,7 +140,10 @@ class Setup:
 
     def build_optimizers(self, model: nn.Module) -> dict[str, torch.optim.Optimizer]:
         """The optimizers, created after the model is on its device: the module's ``set_optimizers`` or
-        ``optimizer(model.parameters(), **opt_hparams)`` (default Adam)."""
+        ``optimizer(model.parameters(), **opt_hparams)`` (default Adam; on CUDA, Adam/AdamW/SGD get
+        ``fused=True`` unless ``fused`` or ``foreach`` is set, see ``lanterna.core.fused``)."""
+        from .core.fused import fused_opt_hparams
+
         if callable(getattr(model, "set_optimizers", None)):
             made = model.set_optimizers(**self.opt_hparams)  # type: ignore[operator]
             opts = dict(made) if isinstance(made, Mapping) else {"opt": made}
@@ -156,7 +159,7 @@ class Setup:
             groups = getattr(factory, "param_groups", None)
             params = groups(model) if callable(groups) else model.parameters()
             try:
-                opts = {"opt": factory(params, **self.opt_hparams)}
+                opts = {"opt": factory(params, **fused_opt_hparams(factory, self.opt_hparams, model))}
             except (TypeError, ValueError) as e:  # an unknown argument; torch's range checks (lr < 0, betas)
                 name = getattr(factory, "__name__", type(factory).__name__)
                 raise LanternaError(f"Could not create the optimizer with {self.opt_hparams} ({name}): {e}. Fix "
@@ -238,6 +241,9 @@ class Setup:
             train_src = ddp.shard(train_src, train=True)
             valid_src = ddp.shard(valid_src, train=False) if valid_src is not None else None
             forward_model = ddp.wrap(forward_model, model)
+            train_src = ddp.balance(train_src, training=True)  # every rank runs as many batches (even_batches.py)
+            valid_src = ddp.balance(valid_src, training=False) if valid_src is not None else None
+            acc = ddp.adapt(acc)
         train_src.to_device(acc.device)
         if valid_src is not None:
             valid_src.to_device(acc.device)
@@ -350,7 +356,10 @@ def _distributed(acc: Accelerator, seed: int | None) -> Any:
     """The DDP environment under torchrun (WORLD_SIZE > 1), else None; imported only when needed."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
-    from .integrations.distributed import from_env
+    if acc.strategy == "fsdp":
+        from .integrations.fsdp import from_env
+    else:
+        from .integrations.distributed import from_env  # type: ignore[assignment]
 
     ddp = from_env(acc, seed)
     if ddp is not None:

@@ -23,6 +23,7 @@ from .core.loop import run_phase
 from .core.step import Stepper
 from .core.world import Local
 from .data import batch_size_of, make_source, split_batch
+from .data.streams import StreamBatches, stream_order
 from .errors import DataError, LanternaError, UnexpectedArgumentError
 from .metrics.base import split_metric_spec
 
@@ -221,6 +222,10 @@ class Fitted:
                              sample_weight=sample_weight)
         if self.distributed is not None:
             source = self.distributed.shard(source, train=False)
+        if what == "prediction data" and isinstance(source, StreamBatches):
+            source = source.with_positions()  # its shards interleave: predictions are put back in stream order
+        if self.distributed is not None:
+            source = self.distributed.balance(source, training=False)  # FSDP: every forward is a collective
         return source.to_device(self.accelerator.device)
 
     def predict(self, data: Any, *, dataloader_options: Mapping[str, Any] | None = None,
@@ -266,6 +271,9 @@ class Fitted:
             source.close()
         if non_blocking:
             torch.cuda.synchronize(self.accelerator.device)
+        stream = _stream_of(source)
+        if stream is not None and stream.keyed:  # every rank gets all of them, in stream order
+            return stream_order(_concat(outs) if outs else None, stream.positions(), self.distributed)
         if self.distributed is not None:  # every rank gets all predictions, in dataset order
             n_total = self.distributed.total_samples(source)
             return _map_tensors(lambda t: self.distributed.gather_in_order(
@@ -355,6 +363,9 @@ class Fitted:
         Returns:
             The path written.
 
+        Under torchrun with ``strategy="fsdp"`` call it on every rank: the full model is gathered from the shards
+        and rank 0 writes it; the folder loads in a plain process.
+
         >>> import tempfile, lanterna as ln, torch
         >>> from torch import nn
         >>> fitted = ln.Fitted(nn.Linear(3, 1), None, [])
@@ -364,7 +375,27 @@ class Fitted:
         """
         from .io.fitted import save_fitted  # below this module (lanterna.io imports nothing above it)
 
-        return save_fitted(self, path, training_state=self.training_state() if optimizer else None)
+        world = self.distributed
+        if world is None or not world.shards_parameters:  # one process, or DDP: every rank holds the whole model
+            return save_fitted(self, path, training_state=self.training_state() if optimizer else None)
+        if optimizer:
+            raise LanternaError(
+                "fitted.save(path, optimizer=True) under FSDP: the optimizer state is sharded across the ranks and "
+                "is not gathered into one file. Save the model alone (fitted.save(path)), and keep the training "
+                "state with ln.callbacks.AutoResume or ModelCheckpoint, whose sharded checkpoints resume it.")
+        weights = world.full_state_dict(self.model)  # a collective: every rank calls save
+        error: BaseException | None = None
+        out = Path(path)
+        if world.is_main:
+            try:
+                out = save_fitted(self, path, weights=weights)
+            except Exception as e:
+                error = e
+        if world.any(error is not None):
+            if error is not None:
+                raise error
+            raise LanternaError(f"fitted.save({str(path)!r}) failed on rank 0 (see its error); nothing was written.")
+        return out
 
     def export(self, path: str | os.PathLike[str], example_input: Any, format: str = "onnx",
                **options: Any) -> Path:
@@ -432,6 +463,13 @@ class Fitted:
                   f"An nn.Module ({type(self.model).__name__}) containing {n_params:,} parameters"
                   + (f" ({n_train:,} trainable)." if n_train != n_params else ".")]
         return "\n".join(lines)
+
+
+def _stream_of(source: Any) -> StreamBatches | None:
+    """The stream under ``source`` (itself, or inside the wrappers of a distributed phase), or None."""
+    while not isinstance(source, StreamBatches) and hasattr(source, "source"):
+        source = source.source
+    return source if isinstance(source, StreamBatches) else None
 
 
 def _model_device(model: nn.Module) -> torch.device:

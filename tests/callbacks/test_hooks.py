@@ -149,7 +149,7 @@ def test_builtins_run_in_documented_order(tmp_path):
                                                  "KeepBestModel", "EarlyStopping"]
     assert lines["on_train_batch_before_backward"] == "TerminateOnNaN"
     assert lines["on_train_batch_before_step"] == "TerminateOnNaN, GradientClip"  # NaN gradients, then clip
-    assert lines["on_train_begin"].split(", ") == ["MetricsCallback", "LRRecorder"]
+    assert lines["on_train_begin"].split(", ") == ["TerminateOnNaN", "MetricsCallback", "LRRecorder"]
     # an epoch-level scheduler costs nothing per batch
     assert "on_train_batch_end" not in lines or "LRScheduler" not in lines["on_train_batch_end"]
 

@@ -117,3 +117,121 @@ def test_gradient_check_can_be_turned_off():
         linear_setup(loss=SqrtAtZero()).fit((x, y), epochs=1, verbose=False, dataloader_options={"batch_size": 16},
                                     callbacks=[ln.callbacks.TerminateOnNaN(check_gradients=False)])
     assert not torch.isfinite(info.value.fitted.model.weight).all()
+
+
+# ---------------------------------------------------------------------------- decided on the device (issue 15)
+# On an accelerator the guard reads nothing per batch: the checks set a flag on the device that fused optimizers
+# read as GradScaler's found_inf, and the stop surfaces at the end of the training phase. Fused optimizers skip
+# the same way on the CPU, so the path is forced there (TerminateOnNaN._on_device) and checked bit for bit.
+
+
+class SqrtAtCall:
+    """MSE plus sqrt(0·Σpred) at one training call (validation calls are not counted): a finite loss whose
+    gradient is NaN at that batch only."""
+
+    def __init__(self, at: int) -> None:
+        self.at, self.calls = at, 0
+
+    def __call__(self, pred, target):
+        self.calls += pred.requires_grad
+        loss = F.mse_loss(pred, target)
+        return loss + torch.sqrt(pred.sum() * 0.0) if self.calls == self.at else loss
+
+
+class Record(ln.Callback):
+    """The training batches run per epoch, the epochs validated, and the weights after given batches."""
+
+    def __init__(self, keep=()):
+        self.keep, self.states, self.batches, self.validated = set(keep), {}, {}, []
+
+    def on_train_batch_end(self, ctx):
+        self.batches[ctx.epoch] = ctx.iter
+        if (ctx.epoch, ctx.iter) in self.keep:
+            self.states[(ctx.epoch, ctx.iter)] = copy.deepcopy(ctx.model.state_dict())
+
+    def on_valid_begin(self, ctx):
+        self.validated.append(ctx.epoch)
+
+
+def _on_device() -> ln.callbacks.TerminateOnNaN:
+    guard = ln.callbacks.TerminateOnNaN()
+    guard._on_device = True
+    return guard
+
+
+def test_on_device_a_nan_gradient_skips_that_step_and_the_rest_and_stops_at_the_epoch_end():
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 3, generator=g), torch.randn(64, 1, generator=g)
+    guard, record = _on_device(), Record()
+    with pytest.raises(ln.NonFiniteLossError,
+                       match=r"The gradient is NaN/Inf at epoch 2, batch 3 \(the loss, [\d.]+, is finite\); training "
+                             r"stopped before this batch's optimizer step.*Decided on the cpu device") as info:
+        linear_setup(loss=SqrtAtCall(at=4 + 3)).set_opt_hparams(fused=True).fit(
+            (x, y), epochs=3, seed=0, verbose=False, valid_data=(x[:16], y[:16]), callbacks=[guard, record],
+            dataloader_options={"batch_size": 16, "shuffle": False})
+    assert guard._decided_on_device
+    assert record.batches == {1: 4, 2: 4} and record.validated == [1]  # epoch 2 ran to its end, then stopped
+    fitted = info.value.fitted
+    assert [r["epoch"] for r in fitted.history] == [1]
+    # a hand loop with the same fused Adam, stopped before that step: 4 + 2 good steps
+    torch.manual_seed(0)
+    ref = nn.Linear(3, 1)
+    opt = torch.optim.Adam(ref.parameters(), fused=True)
+    for lo in (0, 16, 32, 48, 0, 16):
+        opt.zero_grad()
+        F.mse_loss(ref(x[lo:lo + 16]), y[lo:lo + 16]).backward()
+        opt.step()
+    for p, q in zip(fitted.model.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
+    ours = fitted.optimizers["opt"]
+    for p, q in zip(fitted.model.parameters(), ref.parameters()):  # Adam's moments and step count too
+        assert all(torch.equal(ours.state[p][k], opt.state[q][k]) for k in ("exp_avg", "exp_avg_sq", "step"))
+    assert not hasattr(ours, "found_inf")  # the optimizer is given back as it was
+    # the epoch before the bad step is the plain path's, to the bit
+    plain = linear_setup().set_opt_hparams(fused=True).fit(
+        (x, y), epochs=1, seed=0, verbose=False, valid_data=(x[:16], y[:16]),
+        dataloader_options={"batch_size": 16, "shuffle": False})
+    assert fitted.history[0]["train_loss"] == plain.history[0]["train_loss"]
+    assert fitted.history[0]["valid_loss"] == plain.history[0]["valid_loss"]
+
+
+@pytest.mark.parametrize(("value", "kind"), [(float("nan"), "NaN"), (1e30, "Inf")])
+def test_on_device_a_non_finite_loss_goes_through_the_same_flag(value, kind):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 3, generator=g)
+    y = x.sum(1, keepdim=True)
+    model = nn.Linear(3, 1)
+    record = Record(keep=[(2, 2)])
+    with pytest.raises(ln.NonFiniteLossError, match=rf"The training loss is {kind} at epoch 2, batch 3;"):
+        ln.setup(model, loss=nn.MSELoss()).set_opt_hparams(fused=True).fit(
+            (x, y), epochs=5, verbose=False, callbacks=[_on_device(), PoisonBatch(2, 3, value), record],
+            dataloader_options={"batch_size": 16})
+    assert record.batches[2] == 4  # not stopped at the batch: at the end of the epoch's training batches
+    state = model.state_dict()
+    assert all(torch.equal(state[k], record.states[(2, 2)][k]) for k in state)
+
+
+def test_on_device_with_an_optimizer_that_cannot_skip_there_the_step_by_step_read_is_kept():
+    x, y = torch.randn(64, 3), torch.randn(64, 1)
+    guard, record = _on_device(), Record()
+    with pytest.raises(ln.NonFiniteLossError, match=r"gradient is NaN/Inf at epoch 1, batch 3.*, in weight"):
+        linear_setup(loss=SqrtAtCall(at=3)).fit((x, y), epochs=2, verbose=False, callbacks=[guard, record],
+                                                 dataloader_options={"batch_size": 16})
+    assert not guard._decided_on_device and record.batches == {1: 2}  # stopped at the batch itself
+
+
+def test_on_device_a_fit_ended_inside_the_epoch_after_a_bad_step_warns_and_keeps_the_good_weights():
+    class StopAt(ln.Callback):
+        def on_train_batch_end(self, ctx):
+            if ctx.iter == 3:
+                ctx.stop()
+
+    x, y = torch.randn(64, 3), torch.randn(64, 1)
+    model = nn.Linear(3, 1)
+    record = Record(keep=[(1, 1)])
+    with pytest.warns(RuntimeWarning, match=r"gradient is NaN/Inf at epoch 1, batch 2 .*the fit ended before"):
+        fitted = ln.setup(model, loss=SqrtAtCall(at=2)).set_opt_hparams(fused=True).fit(
+            (x, y), epochs=2, verbose=False, callbacks=[_on_device(), record, StopAt()],
+            dataloader_options={"batch_size": 16})
+    assert fitted.status == "stopped"
+    assert all(torch.equal(v, record.states[(1, 1)][k]) for k, v in model.state_dict().items())

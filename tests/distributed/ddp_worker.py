@@ -197,8 +197,9 @@ def main() -> None:
         torch.manual_seed(100 + rank)  # ranks' global RNGs differ, as in any script that draws before fit
         fitted = setup.fit((x, y), valid_data=0.2, epochs=2, callbacks=[rec], verbose=False,
                            dataloader_options={"batch_size": 50})
-        parts = {name: src.leaves[0][:, 3].long().tolist()  # the whole part as this rank split it (unsharded)
+        parts = {name: getattr(src, "source", src).leaves[0][:, 3].long().tolist()  # the whole part as this rank
                  for name, src in (("train", fitted.context.train_data), ("valid", fitted.context.valid_data))}
+        # split it (unsharded; training data is wrapped in EvenBatches)
         (out / f"split_{rank}.json").write_text(json.dumps({**parts, "seen": rec.seen}))
     elif mode == "raise":
         setup.fit(train, epochs=3, seed=1, callbacks=[RaiseOnRank1()], verbose=False)

@@ -452,6 +452,16 @@ def rows() -> list[Row]:
     row("accelerator-precision-64", lambda env: ln.Accelerator(precision="64"), ("precision",), area="accelerator")
     row("accelerator-strategy-bogus", lambda env: ln.Accelerator(strategy="horovod"), ("strategy",),
         area="accelerator")
+    row("accelerator-fsdp-units-without-fsdp", lambda env: ln.Accelerator(fsdp_units=(torch.nn.Linear,)),
+        ("fsdp_units", "strategy='fsdp'"), area="accelerator")
+    row("accelerator-fsdp-units-a-string", lambda env: ln.Accelerator(strategy="fsdp", fsdp_units="Linear"),
+        ("fsdp_units", "nn.Module classes"), area="accelerator")
+    row("accelerator-fsdp-units-empty", lambda env: ln.Accelerator(strategy="fsdp", fsdp_units=()),
+        ("fsdp_units",), area="accelerator")
+    row("accelerator-fsdp-float16", lambda env: ln.Accelerator(strategy="fsdp", precision="16-mixed"),
+        ("16-mixed", "bf16-mixed"), area="accelerator")
+    row("fit-fsdp-one-process", fit_with(accelerator=ln.Accelerator(device="cpu", strategy="fsdp")), expect=CORRECT,
+        area="accelerator")
     # -------------------------------------------------------------- callbacks' arguments and monitors
     row("es-monitor-typo", with_callbacks(lambda: cb.EarlyStopping(monitor="valid_los")), ("valid_los", "valid_loss"),
         area="monitor", max_steps=1)

@@ -21,11 +21,12 @@ from typing import Any
 
 from ..core.callback import Callback
 from ..core.context import Context
-from ..core.state import data_generators, phase_state, restore_phase_state, restore_training_state, training_state
+from ..core.state import data_generators, phase_state, restore_phase_state, restore_training_state, write_checkpoint
 from ..data.resume import SkipBatches, data_fingerprint
 from ..errors import CheckpointError, LanternaError
 from ..io.atomic import TEMP_MARKER, fsync_dir, sweep_temp_files
-from ..io.checkpoint import check_writable, save_checkpoint, scan_checkpoints, verify_checkpoint
+from ..io.checkpoint import check_writable, scan_checkpoints, verify_checkpoint
+from ..io.checkpoint import remove_checkpoint as remove
 from ..io.rng import capture_rng_state, restore_rng_state
 from .model_checkpoint import path_argument
 
@@ -115,22 +116,24 @@ class AutoResume(Callback):
             check_writable(self.path, "AutoResume")
             sweep_temp_files(self.path)
         self._fingerprint = data_fingerprint({"train": ctx.train_data, "valid": ctx.valid_data})
-        found = self._latest(rename_damaged=main)
+        found = self._latest(rename_damaged=main, sharded=ctx.world.checkpoints)
         if found is not None:
             path, state = found
             self._resume(ctx, path, state)
         if self.handle_sigterm:
             self._install_sigterm()
 
-    def _latest(self, rename_damaged: bool) -> tuple[Path, dict[str, Any]] | None:
+    def _latest(self, rename_damaged: bool, sharded: Any = None) -> tuple[Path, dict[str, Any]] | None:
+        """The newest whole checkpoint (files; folders of ``sharded``, the FSDP store, when given)."""
         damaged: list[tuple[Path, str]] = []
-        candidates = scan_checkpoints(self.path, on_damaged=lambda p, e: damaged.append((p, str(e))),
-                                      pattern="resume-*.pt")
+        scan, verify = ((sharded.scan, sharded.verify) if sharded is not None
+                        else (scan_checkpoints, verify_checkpoint))
+        candidates = scan(self.path, on_damaged=lambda p, e: damaged.append((p, str(e))), pattern="resume-*.pt")
         chosen: tuple[Path, dict[str, Any]] | None = None
         for info in candidates:
             if chosen is None:
                 try:
-                    verify_checkpoint(info.state, info.path)
+                    verify(info.state, info.path)
                 except CheckpointError as e:
                     damaged.append((info.path, str(e)))
                     continue
@@ -151,6 +154,8 @@ class AutoResume(Callback):
 
     def _resume(self, ctx: Context, path: Path, state: dict[str, Any]) -> None:
         position = state.get("position")
+        if ctx.world.checkpoints is not None:  # FSDP: each rank loads its shards now
+            state = ctx.world.checkpoints.load(ctx, path, state)
         restore_training_state(ctx, state, where=str(path), rng=position is None, folder=self.path)
         epoch = int(state.get("epoch", 0))
         ctx.start_epoch = epoch
@@ -230,12 +235,11 @@ class AutoResume(Callback):
             self._exit(f"the end of epoch {ctx.epoch}", path)
 
     def _save(self, ctx: Context, name: str, extra: dict[str, Any]) -> Path | None:
-        if not ctx.is_main:
+        path = write_checkpoint(ctx, self.path / name, data=self._fingerprint, **extra)  # FSDP: every rank
+        if path is None or not ctx.is_main:
             return None
-        path = self.path / name
-        state = training_state(ctx, data=self._fingerprint, **extra)
-        save_checkpoint(path, state)
-        self._kept = [k for k in self._kept if k[2] != path] + [(int(state["step"]), int(state["epoch"]), path)]
+        epoch = int(extra.get("epoch", ctx.epoch))
+        self._kept = [k for k in self._kept if k[2] != path] + [(int(ctx.step), epoch, path)]
         self._rotate()
         return path
 
@@ -243,8 +247,7 @@ class AutoResume(Callback):
         self._kept.sort(key=lambda k: (k[0], k[1]))
         old, self._kept = self._kept[: -self.keep_last], self._kept[-self.keep_last :]
         for _, _, p in old:  # the newest file is complete and durable before any older one goes
-            with contextlib.suppress(OSError):
-                p.unlink()
+            remove(p)
         if old:
             fsync_dir(self.path)
 
@@ -286,9 +289,8 @@ class AutoResume(Callback):
         for entry in folder.iterdir():
             name = entry.name
             ours = (name.startswith("resume-") and name.endswith((".pt", ".pt.damaged"))) or TEMP_MARKER in name
-            if ours and entry.is_file():
-                with contextlib.suppress(FileNotFoundError):
-                    entry.unlink()
+            if ours:
+                remove(entry)  # a file, or the folder of a sharded (FSDP) checkpoint
         fsync_dir(folder)
         with contextlib.suppress(OSError):
             folder.rmdir()

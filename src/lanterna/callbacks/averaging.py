@@ -28,6 +28,11 @@ def _tensors(module: nn.Module, buffers: bool) -> list[Tensor]:
 
 
 def _averaged(ctx: Context, buffers: bool, **kwargs: Any) -> AveragedModel:
+    if ctx.world.shards_parameters:  # FSDP: AveragedModel deep-copies the model, which FSDP forbids
+        raise LanternaError(
+            "EMA / SWA under Accelerator(strategy='fsdp') is not supported: the average would be a deep copy of "
+            "the sharded model, which FSDP forbids. Use strategy='ddp' (the default under torchrun) with EMA / SWA, "
+            "or drop the averaging callback.")
     # device=None: the copy stays on the model's device and the n_averaged counter on the CPU
     averaged = AveragedModel(ctx.model, use_buffers=buffers, **kwargs)
     averaged.eval()

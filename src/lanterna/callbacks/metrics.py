@@ -29,6 +29,7 @@ from torch import Tensor
 
 from ..core.callback import Callback
 from ..core.context import Context
+from ..core.sync import allowed_sync
 from ..core.world import Local
 from ..errors import LanternaError
 from ..metrics import metric_display, unique_names
@@ -120,9 +121,10 @@ class MetricsCallback(Callback):
                     )
         ctx.metrics = {s: [m for _, m in pairs] for s, pairs in self.sets.items()}
         ctx.metric_names = {s: [k for k, _ in pairs] for s, pairs in self.sets.items()}
-        # CUDA graphs (compile mode "reduce-overhead") overwrite a step's outputs at the next step: no buffering
+        # CUDA graphs (compile modes "reduce-overhead", "max-autotune") overwrite a step's outputs at the next
+        # step: no buffering
         acc = ctx.accelerator
-        self._buffer = not (device.type == "cuda" and getattr(acc, "compile", False))
+        self._buffer = not (device.type == "cuda" and bool(getattr(acc, "uses_cuda_graphs", False)))
 
     def _begin(self, ctx: Context) -> None:
         self._active = self.sets["train" if ctx.training else "valid"]
@@ -156,6 +158,8 @@ class MetricsCallback(Callback):
 
     def _batch_end(self, ctx: Context) -> None:
         bs = ctx.batch_size
+        if bs == 0:  # an empty batch of a rank keeping step with the others: nothing to count
+            return
         self._count += bs
         loss = ctx.loss
         if loss is not None:
@@ -173,7 +177,8 @@ class MetricsCallback(Callback):
         if self._active and ctx.target is not None:
             self._saw_target = True
             if self._direct:
-                self._first_batch(ctx)
+                with allowed_sync():  # the set's first batch is computed at once: a natural synchronisation point
+                    self._first_batch(ctx)
                 return
             pred, target, weight = ctx.pred, ctx.target, ctx.sample_weight
             n = 0

@@ -18,10 +18,10 @@ from typing import Any
 
 from ..core.callback import Callback
 from ..core.context import Context
-from ..core.state import training_state
+from ..core.state import write_checkpoint
 from ..errors import CheckpointError, LanternaError, MonitorError
 from ..io.atomic import TEMP_MARKER, sweep_temp_files
-from ..io.checkpoint import check_writable, save_checkpoint
+from ..io.checkpoint import check_writable
 from .monitor import Monitor, available_monitors
 
 __all__ = ["ModelCheckpoint", "safe_name", "path_argument"]
@@ -267,8 +267,7 @@ class ModelCheckpoint(Callback):
         self.last_path = path
         if path not in self.saved:
             self.saved.append(path)
-        if ctx.is_main:
-            save_checkpoint(path, training_state(ctx))
+        write_checkpoint(ctx, path)  # rank 0's file; under FSDP every rank writes its shards
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.monitor.best, "best_path": None if self.best_path is None else str(self.best_path),

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..core.callback import Callback
 from ..core.context import Context
+from ..core.sync import LatestValue
 
 __all__ = ["ProgressPrinter", "LiveProgress", "NotebookProgress", "format_value", "metrics_line", "make_printer",
            "is_interactive", "in_notebook"]
@@ -98,7 +99,8 @@ def epoch_lines(ctx: Context) -> list[str]:
 
 class LiveProgress(ProgressPrinter):
     """:class:`ProgressPrinter` plus a progress bar per phase, refreshed at most ``refresh_per_second``
-    times per second (only then is the running loss read from the device).
+    times per second (only then is the running loss read; on CUDA without waiting for the device: the bar shows
+    the loss of the latest batch whose copy to the host has completed, :class:`~lanterna.core.sync.LatestValue`).
 
     Args:
         refresh_per_second: the most times per second the bar is redrawn.
@@ -117,6 +119,7 @@ class LiveProgress(ProgressPrinter):
     def __init__(self, refresh_per_second: float = 4.0) -> None:
         self.interval = 1.0 / refresh_per_second
         self.bar: Any = None
+        self._loss = LatestValue()
 
     def _begin(self, ctx: Context) -> None:
         from tqdm.std import tqdm  # a terminal's bar (notebooks get NotebookProgress)
@@ -135,8 +138,9 @@ class LiveProgress(ProgressPrinter):
             self._last = now
             self.bar.update(ctx.iter - self._shown)
             self._shown = ctx.iter
-            if ctx.loss is not None:
-                self.bar.set_postfix_str(f"Loss: {format_value(float(ctx.loss.detach()))}", refresh=False)
+            loss = self._loss.read(ctx.loss) if ctx.loss is not None else None
+            if loss is not None:
+                self.bar.set_postfix_str(f"Loss: {format_value(loss)}", refresh=False)
 
     on_train_batch_end = _batch_end
     on_valid_batch_end = _batch_end
@@ -161,7 +165,8 @@ class NotebookProgress(ProgressPrinter):
     """Jupyter's form of :class:`ProgressPrinter`: one display per fit, updated in place at most
     ``refresh_per_second`` times per second — a bar for the current phase with the whole fit's elapsed time and
     ETA, above luz's lines — and left holding only the lines, as plain text and HTML (no widget), so a saved
-    notebook reads the same when reopened. The default printer in a notebook.
+    notebook reads the same when reopened. The default printer in a notebook. On CUDA the running loss is read
+    without waiting for the device (:class:`~lanterna.core.sync.LatestValue`).
 
     Args:
         refresh_per_second: how often the display (and the running loss, read from the device) is refreshed.
@@ -177,6 +182,7 @@ class NotebookProgress(ProgressPrinter):
         self.lines: list[str] = []
         self.bar = ""
         self.fraction: tuple[int, int | None] = (0, None)
+        self._loss = LatestValue()
 
     def on_fit_begin(self, ctx: Context) -> None:
         from IPython.display import display
@@ -221,7 +227,8 @@ class NotebookProgress(ProgressPrinter):
         self._last = now
         total = ctx.num_batches
         phase = "Train" if ctx.training else "Valid"
-        loss = f" - Loss: {format_value(float(ctx.loss.detach()))}" if ctx.loss is not None and done else ""
+        value = self._loss.read(ctx.loss) if ctx.loss is not None and done else None
+        loss = f" - Loss: {format_value(value)}" if value is not None else ""
         # the fit's ETA: the mean epoch time so far (in the first epoch: its training share so far)
         elapsed, in_epoch = now - self.t0, now - self.epoch_t0
         if self.epochs_done:

@@ -269,7 +269,7 @@ def check_first_batch(ctx: Any, source: Any) -> None:
     batch = first_batch(source)
     if batch is None:
         return
-    from ..data import split_batch
+    from ..data import batch_size_of, split_batch
 
     weight = None
     if source.weighted:
@@ -279,6 +279,7 @@ def check_first_batch(ctx: Any, source: Any) -> None:
     training, mode = ctx.training, model.training
     buffers = [(b, b.detach().clone()) for b in model.buffers()]  # a forward with side effects (counters)
     ctx.training, ctx.set_name, ctx.sample_weight = False, ctx.valid_name, weight
+    ctx.batch_size = batch_size_of(inputs)  # an empty batch would skip the loss's checks (LossComputer)
     model.eval()
     try:
         with torch.no_grad():

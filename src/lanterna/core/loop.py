@@ -11,15 +11,18 @@ from contextlib import contextmanager
 import torch
 
 from ..data import batch_size_of, split_batch
+from ..data.prefetch import device_batches
 from ..errors import DataError
 from .context import Context
 from .events import CancelFit, FitDecision, Interrupted
+from .sync import allowed_sync
 
 __all__ = ["fit_loop", "run_phase"]
 
 
 def run_phase(ctx: Context, training: bool) -> None:
-    """One pass over the training (``training=True``) or validation data."""
+    """One pass over the training (``training=True``) or validation data. Its begin and end hooks are natural
+    synchronisation points (:func:`.sync.allowed_sync`); its batches make none (docs/performance.md, "GPU path")."""
     hooks = ctx.hooks
     ctx.training = training
     ctx.set_name = "train" if training else ctx.valid_name
@@ -36,11 +39,14 @@ def run_phase(ctx: Context, training: bool) -> None:
         step = ctx.stepper.valid_batch
     weighted = source.weighted  # batches come as (batch, sample weights)
     ctx.sample_weight = None
-    begin(ctx)
+    with allowed_sync():
+        begin(ctx)
     i = 0
     local_stop = not ctx.world.distributed  # under DDP, Ctrl-C is agreed at epoch end: no rank waits for another
+    # on CUDA: copies on a side stream, the epoch's first fetch marked (data/prefetch.py); elsewhere the source
+    batches = device_batches(source, ctx.device) if ctx.device.type == "cuda" else source
     with torch.set_grad_enabled(training), ctx.phase_context(training):
-        for i, batch in enumerate(source, 1):
+        for i, batch in enumerate(batches, 1):
             ctx.iter = i
             if weighted:
                 batch, ctx.sample_weight = batch
@@ -60,7 +66,8 @@ def run_phase(ctx: Context, training: bool) -> None:
             f"The {'training' if training else 'validation'} data yielded no batches. "
             "Check that it is not empty (and that drop_last does not drop everything)."
         )
-    end(ctx)
+    with allowed_sync():
+        end(ctx)
 
 
 def fit_loop(ctx: Context) -> None:
@@ -68,28 +75,32 @@ def fit_loop(ctx: Context) -> None:
     hooks = ctx.hooks
     with _sigint_handler(ctx):
         try:
-            hooks.on_fit_begin(ctx)
+            with allowed_sync():  # fit, epoch and phase boundaries are natural synchronisation points
+                hooks.on_fit_begin(ctx)
             for epoch in range(ctx.start_epoch + 1, ctx.max_epochs + 1):
                 ctx.epoch = epoch
                 ctx.record = {"epoch": epoch}
                 t0 = time.perf_counter()
-                ctx.train_data.set_epoch(epoch)
-                hooks.on_epoch_begin(ctx)
+                with allowed_sync():
+                    ctx.train_data.set_epoch(epoch)
+                    hooks.on_epoch_begin(ctx)
                 run_phase(ctx, training=True)
                 if ctx.valid_data is not None:
                     run_phase(ctx, training=False)
                 ctx.record["epoch_time"] = time.perf_counter() - t0
                 ctx.history.append(ctx.record)
-                hooks.on_epoch_end(ctx)
-                world = ctx.world  # every rank takes the same decision
-                ctx.interrupted = world.any(ctx.interrupted)
-                ctx.stop_training = world.any(ctx.stop_training)
+                with allowed_sync():
+                    hooks.on_epoch_end(ctx)
+                    world = ctx.world  # every rank takes the same decision
+                    ctx.interrupted = world.any(ctx.interrupted)
+                    ctx.stop_training = world.any(ctx.stop_training)
                 if ctx.interrupted:
                     raise Interrupted()
                 if ctx.stop_training:
                     if epoch >= ctx.min_epochs:
                         ctx.status = "stopped_early"
-                        hooks.on_early_stopping(ctx)
+                        with allowed_sync():
+                            hooks.on_early_stopping(ctx)
                         break
                     ctx.stop_training = False  # early stopping may not stop before min_epochs
             else:
@@ -97,7 +108,8 @@ def fit_loop(ctx: Context) -> None:
         except CancelFit as stop:
             ctx.status = stop.status
             if isinstance(stop, Interrupted):
-                hooks.on_interrupt(ctx)
+                with allowed_sync():
+                    hooks.on_interrupt(ctx)
         except FitDecision as decision:  # leaves fit (Optuna's pruning)
             ctx.status = decision.status
             raise
@@ -106,7 +118,8 @@ def fit_loop(ctx: Context) -> None:
             raise
         finally:
             ctx.model.eval()
-            hooks.on_fit_end(ctx)
+            with allowed_sync():
+                hooks.on_fit_end(ctx)
 
 
 @contextmanager

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,6 +25,7 @@ import torch
 from .._version import __version__
 from ..data.resume import source_generators
 from ..errors import CheckpointError, ModelMismatchError
+from ..io.checkpoint import save_checkpoint
 from ..io.encoding import encode_json
 from ..io.model_meta import describe_module
 from ..io.resolve import load_weights_strict
@@ -32,7 +34,7 @@ from .callback import Callback
 from .context import Context
 
 __all__ = ["Part", "PARTS", "PHASE_PARTS", "training_state", "restore_training_state", "phase_state",
-           "restore_phase_state", "data_generators", "keyed_callbacks"]
+           "restore_phase_state", "data_generators", "keyed_callbacks", "write_checkpoint"]
 
 
 @dataclass(frozen=True)
@@ -262,18 +264,44 @@ PARTS: tuple[Part, ...] = (
 """The parts of a fit's state, in the order of the checkpoint dict."""
 
 
-def training_state(ctx: Context, **extra: Any) -> dict[str, Any]:
+def training_state(ctx: Context, *, skip: tuple[str, ...] = (), **extra: Any) -> dict[str, Any]:
     """Everything a resume needs, from ``ctx`` (every part of :data:`PARTS`: model, optimizers, schedulers,
     scaler, epoch, step, RNG states and data generators, callback states, history, metadata), then
     ``extra``. Draws nothing from any random generator.
 
     Args:
         ctx: the fit's context.
+        skip: names of parts left out (a sharded checkpoint writes the model and optimizers itself).
         extra: more entries (they replace parts of the same name).
 
     >>> # inside a callback:  save_checkpoint("ckpt.pt", training_state(ctx))
     """
-    return {**{part.name: part.save(ctx) for part in PARTS}, **extra}
+    return {**{part.name: part.save(ctx) for part in PARTS if part.name not in skip}, **extra}
+
+
+def write_checkpoint(ctx: Context, path: str | os.PathLike[str], **extra: Any) -> Path | None:
+    """Write :func:`training_state` (with ``extra``) as a checkpoint at ``path``: one file written by rank 0
+    (:func:`lanterna.io.checkpoint.save_checkpoint`; other ranks write nothing and get None), or, when the ranks
+    hold parts of the state (FSDP), a folder written by all of them (``ctx.world.checkpoints``). Every rank
+    calls it.
+
+    Args:
+        ctx: the fit's context.
+        path: the checkpoint's path.
+        extra: more entries for the state.
+
+    Returns:
+        the path written, or None on a rank that writes nothing.
+
+    >>> # inside a callback's on_epoch_end:  write_checkpoint(ctx, "ckpt/last.pt")
+    """
+    sharded = ctx.world.checkpoints
+    if sharded is not None:
+        state = training_state(ctx, skip=("model", "optimizers"), **extra)  # those two: each rank its shards
+        return sharded.save(ctx, path, state)  # type: ignore[no-any-return]
+    if not ctx.is_main:
+        return None
+    return save_checkpoint(path, training_state(ctx, **extra))
 
 
 def restore_training_state(ctx: Context, state: dict[str, Any], *, where: str = "checkpoint",

@@ -22,6 +22,7 @@ from .checks import (
 )
 from .context import Context
 from .losses import loss_denominator, per_sample_loss
+from .sync import allowed_sync
 
 __all__ = ["Stepper", "Forward", "LossComputer", "zero_grad"]
 
@@ -49,6 +50,10 @@ class Forward:
         return call_model(fwd, inputs)
 
     def _first(self, inputs: Any, training: bool) -> Any:
+        with allowed_sync():  # the first batch's checks: a natural synchronisation point
+            return self._checked_first(inputs, training)
+
+    def _checked_first(self, inputs: Any, training: bool) -> Any:
         model = self.model
         check_model_call(model, inputs)
         self.checked.add(training)
@@ -83,6 +88,8 @@ class LossComputer:
 
     def __call__(self, pred: Any, target: Any) -> Any:
         ctx = self.ctx
+        if ctx.batch_size == 0:  # a rank keeping step with the others (integrations/even_batches.py)
+            return _zero_loss(pred)
         fn = ctx.loss_fn
         if fn is not self.fn or ctx.training not in self.checked:
             return self._first(fn, pred, target)
@@ -114,6 +121,10 @@ class LossComputer:
         return (w * num).sum() / total.clamp_min(torch.finfo(total.dtype).tiny)  # all weights 0: a loss of 0
 
     def _first(self, fn: Any, pred: Any, target: Any) -> Any:
+        with allowed_sync():  # the first batch's checks: a natural synchronisation point
+            return self._checked_first(fn, pred, target)
+
+    def _checked_first(self, fn: Any, pred: Any, target: Any) -> Any:
         ctx = self.ctx
         if fn is None:
             raise LanternaError("ctx.loss_fn is None: there is no loss to compute. Pass loss=... to ln.setup, or "
@@ -150,6 +161,16 @@ class LossComputer:
 
 
 _BASE_ZERO_GRAD = torch.optim.Optimizer.zero_grad
+
+
+def _zero_loss(pred: Any) -> Tensor:
+    """A loss of 0 tied to every floating output, so that backward reaches every parameter with a zero gradient
+    (an empty batch: the mean of nothing would be NaN)."""
+    if isinstance(pred, Tensor):
+        return pred.sum() * 0.0 if pred.is_floating_point() else pred.new_zeros((), dtype=torch.float32)
+    parts = list(pred.values()) if isinstance(pred, dict) else list(pred) if isinstance(pred, (tuple, list)) else []
+    losses = [_zero_loss(p) for p in parts if isinstance(p, (Tensor, dict, tuple, list))]
+    return torch.stack(losses).sum() if losses else torch.zeros(())
 
 
 def zero_grad(opt: torch.optim.Optimizer) -> None:

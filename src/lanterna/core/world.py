@@ -31,6 +31,11 @@ class Local:
     rank = 0
     world_size = 1
     is_main = True
+    #: whether each process holds only a shard of every parameter (FSDP): gradients and flags read on one rank
+    #: then describe its shard only
+    shards_parameters = False
+    #: where checkpoints go when every rank holds a part of the state (FSDP); None: one file, written by rank 0
+    checkpoints: Any = None
 
     def __repr__(self) -> str:
         return "Local()"

@@ -1,7 +1,9 @@
 """Data adapters: any accepted data form → a :class:`BatchSource` (docs/models.md, "Data forms").
 
 Accepted: a DataLoader, a Dataset, a tuple/list ``(x, y)`` of tensors / NumPy arrays / pandas objects
-(nested tuples and dicts for several inputs or targets), and, for prediction, ``x`` alone.
+(nested tuples and dicts for several inputs or targets), and, for prediction, ``x`` alone. Memory-mapped arrays
+are batched per step (:mod:`lanterna.data.memmap`), IterableDatasets split across processes and DataLoader
+workers (:mod:`lanterna.data.streams`).
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, Subset, TensorDataset
 
 from ..errors import DataError
+from .memmap import MemmapBatches, is_memory_mapped
 from .options import _LOADER_DEFAULTS, _check_options, _loader_is_plain, custom_sampler, loader_options
 from .sources import BatchSource, LoaderBatches, TensorBatches
+from .streams import StreamBatches
 from .structure import flatten
 from .weights import WeightedCollate, WeightedSamples, check_sample_weight
 
@@ -68,17 +72,21 @@ _SMALL_INTS = tuple(getattr(torch, name) for name in ("int8", "int16", "int32", 
                     if hasattr(torch, name))
 
 
-def to_tensor_leaves(data: Any, what: str = "data") -> tuple[list[Tensor], Any]:
-    """Flatten in-memory data into tensors (float → float32, integers → int64) and a structure spec."""
+def to_tensor_leaves(data: Any, what: str = "data", *, keep_mapped: bool = False) -> tuple[list[Any], Any]:
+    """Flatten in-memory data into tensors (float → float32, integers → int64) and a structure spec.
+
+    With ``keep_mapped``, memory-mapped arrays are checked but left as they are (never read whole).
+    """
     leaves, spec = flatten(data)
     if not leaves:
         raise DataError(f"The {what} holds no tensors or arrays; expected {_SUPPORTED}.")
-    tensors = [_leaf_to_tensor(leaf, f"Item {i} of the {what}") for i, leaf in enumerate(leaves)]
+    tensors = [_mapped_leaf(leaf, f"Item {i} of the {what}") if keep_mapped and is_memory_mapped(leaf)
+               else _leaf_to_tensor(leaf, f"Item {i} of the {what}") for i, leaf in enumerate(leaves)]
     # (x, y) or (x1, x2, y) hold a few arrays; many items are usually a list of samples
     hint = (" If this is a list of samples, stack them into one tensor per field (torch.stack) or wrap them in a "
             "Dataset." if isinstance(data, (tuple, list)) and len(data) > 3 else "")
     for i, t in enumerate(tensors):
-        if t.dim() == 0:
+        if len(t.shape) == 0:
             raise DataError(f"Item {i} of the {what} is a scalar; every item needs a first (sample) dimension.{hint}")
     sizes = {int(t.shape[0]) for t in tensors}
     if len(sizes) > 1:
@@ -90,6 +98,17 @@ def to_tensor_leaves(data: Any, what: str = "data") -> tuple[list[Tensor], Any]:
     if sizes == {0}:
         raise DataError(f"The {what} is empty (0 samples). Pass at least one sample.")
     return tensors, spec
+
+
+def _mapped_leaf(arr: np.ndarray, where: str) -> np.ndarray:
+    """A memory-mapped array checked like any array (numeric dtype), without reading it."""
+    if arr.ndim > 0:
+        if arr.dtype.isnative or arr.dtype.kind not in "biufc":  # torch takes native byte order only
+            _leaf_to_tensor(arr[:0], where)  # the dtype checks of in-memory data, on no rows
+        else:
+            raise DataError(f"{where} is a memory-mapped array with non-native byte order ({arr.dtype}); save "
+                            "it in this machine's byte order (arr.astype(arr.dtype.newbyteorder('='))).")
+    return arr
 
 
 def _tensor_dataset_leaves(ds: Dataset) -> list[Tensor] | None:
@@ -161,10 +180,11 @@ def make_source(
     if isinstance(data, (Tensor, np.ndarray, tuple, list, Mapping)) or _is_pandas(data):
         if isinstance(data, (tuple, list)) and len(data) == 0:
             raise DataError(f"The {what} is an empty tuple/list; pass (x, y) or x.")
-        leaves, spec = to_tensor_leaves(data, what)
+        leaves, spec = to_tensor_leaves(data, what, keep_mapped=True)
         if sample_weight is not None:
             weight = check_sample_weight(sample_weight, int(leaves[0].shape[0]), what)
-            src = _tensor_source([*leaves, weight.to(leaves[0].device)], spec, train=train, options=opts, what=what)
+            device = next((t.device for t in leaves if isinstance(t, Tensor)), torch.device("cpu"))
+            src = _tensor_source([*leaves, weight.to(device)], spec, train=train, options=opts, what=what)
             src.weighted = True
             return src
         return _tensor_source(leaves, spec, train=train, options=opts, what=what)
@@ -172,8 +192,9 @@ def make_source(
 
 
 def _tensor_source(
-    leaves: list[Tensor], spec: Any, *, train: bool, options: dict[str, Any], what: str
+    leaves: list[Any], spec: Any, *, train: bool, options: dict[str, Any], what: str
 ) -> TensorBatches:
+    """The in-memory fast path over ``leaves`` (tensors; memory-mapped arrays make it a MemmapBatches)."""
     # the first four shape the batches; the rest set up worker processes, which in-memory data does not need
     known = {"batch_size", "shuffle", "drop_last", "generator", "num_workers", "pin_memory",
              "persistent_workers", "prefetch_factor", "timeout", "worker_init_fn",
@@ -189,15 +210,12 @@ def _tensor_source(
         raise DataError("dataloader_options['batch_size']=None: in-memory data needs a positive integer batch_size "
                         "(batch_size must be a positive integer).")
     gen = options.get("generator")
-    return TensorBatches(
-        leaves,
-        spec,
-        batch_size=batch_size,
-        shuffle=options.get("shuffle", train),
-        drop_last=options.get("drop_last", False),
-        loader_generator=gen,
-        sampler_generator=gen,
-    )
+    kwargs: dict[str, Any] = dict(batch_size=batch_size, shuffle=options.get("shuffle", train),
+                                  drop_last=options.get("drop_last", False), loader_generator=gen,
+                                  sampler_generator=gen)
+    if any(isinstance(t, np.ndarray) for t in leaves):
+        return MemmapBatches(leaves, spec, what=what, **kwargs)
+    return TensorBatches(leaves, spec, **kwargs)
 
 
 def _weighted_dataset(ds: Dataset, sample_weight: Any, *, train: bool, options: dict[str, Any],
@@ -264,6 +282,8 @@ def _from_loader(dl: DataLoader, what: str) -> BatchSource:
             loader_generator=dl.generator,
             sampler_generator=getattr(dl.sampler, "generator", None),
         )
+    if isinstance(dl.dataset, IterableDataset):  # split across processes and workers (data/streams.py)
+        return StreamBatches.from_loader(dl)
     try:
         n = len(dl)
     except TypeError:
@@ -302,6 +322,8 @@ def _from_dataset(ds: Dataset, *, train: bool, options: dict[str, Any], what: st
         opts.pop("persistent_workers", None)
         opts.pop("prefetch_factor", None)
     try:
+        if iterable:  # split across processes and workers (data/streams.py)
+            return StreamBatches(ds, opts, user_keys=frozenset(options))
         loader = DataLoader(ds, **opts)
     except (TypeError, ValueError) as e:
         raise DataError(f"dataloader_options {dict(options)} could not build a DataLoader for the {what}: {e}") from e

@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler, Subset
 
 from ..errors import CheckpointError
+from .memmap import MemmapBatches
 from .sources import BatchSource, TensorBatches, WrappedSource
 
 __all__ = ["SkipBatches", "source_generators", "data_fingerprint"]
@@ -124,7 +125,9 @@ def data_fingerprint(sources: Mapping[str, BatchSource | None]) -> dict[str, str
         n = getattr(getattr(src, "sampler", None), "n", src.num_samples)  # a DDP shard counts its whole set
         h = hashlib.sha256(f"{type(src).__name__}|{n}".encode())
         inner = getattr(src, "source", src)
-        if isinstance(inner, TensorBatches):
+        if isinstance(inner, MemmapBatches):  # its file's identity: summing the rows would read it whole
+            h.update(inner.fingerprint())
+        elif isinstance(inner, TensorBatches):
             with torch.no_grad():
                 sums = torch.stack([t.detach().sum(dtype=torch.float64) for t in inner.leaves]).cpu()
             h.update(sums.numpy().tobytes())

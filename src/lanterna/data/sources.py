@@ -269,7 +269,7 @@ def auto_num_workers(dataset: Any, batch_size: int, *, max_workers: int = 8) -> 
     A few samples are read and timed in this process (with the random generators' states restored, so
     the probe changes no random stream); workers are used when a batch would take at least
     ``WORKER_MIN_BATCH_MS`` ms and an epoch at least ``WORKER_MIN_EPOCH_S`` s to load: one per CPU, at
-    most ``max_workers``. Never for an IterableDataset (each worker would yield the whole stream), a
+    most ``max_workers``. Never for an IterableDataset (reading samples to time them would consume it), a
     dataset that returns tensors on an accelerator, or where processes cannot be forked (only Linux
     forks by default). Set ``dataloader_options={"num_workers": ...}`` to choose yourself.
 

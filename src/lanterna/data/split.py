@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, IterableDataset, RandomSampler, Subset
 
 from ..errors import DataError
 from .adapters import _from_loader, _tensor_dataset_leaves, _user_stacklevel, make_source
+from .memmap import MemmapBatches
 from .options import custom_sampler, loader_options
 from .sources import BatchSource, LoaderBatches, TensorBatches
 from .weights import check_sample_weight
@@ -140,6 +141,9 @@ def _split_tensors(train_src: TensorBatches, fraction: float, generator: torch.G
         raise DataError("valid_data as a fraction needs at least 2 samples.")
     leaves = train_src.leaves[:-1] if train_src.weighted else train_src.leaves  # the weights are the last leaf
     target = leaves[-1] if len(leaves) > 1 else None
+    if isinstance(train_src, MemmapBatches) and target is not None:
+        # class labels are read as batches would hold them (float32, int64), never the whole of a large leaf
+        target = train_src.column(len(leaves) - 1) if target.dim() == 1 or target.shape[1:] == (1,) else None
     tr, va = _split_indices(n, float(fraction), _class_labels(target), generator)
     valid_src = train_src.subset(va, shuffle=False)
     valid_src.drop_last = False  # validation always covers every held-out sample

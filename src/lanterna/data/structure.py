@@ -100,15 +100,16 @@ def flatten(obj: Any) -> tuple[list[Any], Any]:
 
 def unflatten(leaves: Sequence[Any], spec: Any) -> Any:
     """Rebuild the structure described by ``spec`` from ``leaves`` (in :func:`flatten`'s order)."""
-    it = iter(leaves)
+    return _build(spec, iter(leaves))
 
-    def build(s: Any) -> Any:
-        if s is None:
-            return next(it)
-        kind, children = s
-        if kind == "dict":
-            return {k: build(c) for k, c in children}
-        items = [build(c) for c in children]
-        return tuple(items) if kind == "tuple" else items
 
-    return build(spec)
+def _build(spec: Any, it: Any) -> Any:
+    # module level, not a closure: a recursive inner function is a reference cycle that would keep every
+    # batch's tensors alive until the garbage collector runs
+    if spec is None:
+        return next(it)
+    kind, children = spec
+    if kind == "dict":
+        return {k: _build(c, it) for k, c in children}
+    items = [_build(c, it) for c in children]
+    return tuple(items) if kind == "tuple" else items

@@ -6,11 +6,17 @@ cpu) and fit wraps the model in ``DistributedDataParallel``.
 
 Sharding: every rank sees ``order[rank::world_size]`` of each epoch's order — each sample exactly once, no
 padding duplicates. The order is drawn from a generator seeded with ``seed + epoch`` (as DistributedSampler
-does), identical on every rank. Uneven shards are handled by DDP's ``join()`` in training; validation runs
-the unwrapped module, so ranks never wait for one another inside a phase. A DataLoader with a custom sampler
-(a WeightedRandomSampler ...) is never silently re-sampled: it is kept when its sampler deals each rank its
-share (DistributedSampler's ``num_replicas`` / ``rank``), else refused with an error. Sums and counts are reduced across
-ranks at the end of each phase (exact epoch values), and stop / Ctrl-C decisions are agreed at epoch end.
+does), identical on every rank. Uneven shards: in training a rank whose shard ran out runs empty batches
+while the others finish (:mod:`.even_batches`: every rank steps its optimizer every time, which DDP's
+``join()`` did not); validation runs the unwrapped module, so ranks never wait for one another inside it. A
+DataLoader with a custom sampler (a WeightedRandomSampler ...) is never silently re-sampled: it is kept when
+its sampler deals each rank its share (DistributedSampler's ``num_replicas`` / ``rank``), else refused with an
+error. Memory-mapped arrays are
+sharded like tensors, each rank reading only its rows. An IterableDataset is split across ranks × DataLoader
+workers: sample ``i`` of the stream goes to shard ``i mod (world_size · workers)``, shard
+``rank · workers + worker_id`` (:mod:`lanterna.data.streams`; every rank must use the same ``num_workers``).
+Sums and counts are reduced across ranks at the end of each phase (exact epoch values), and stop / Ctrl-C
+decisions are agreed at epoch end.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import datetime
 import os
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -30,8 +36,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, RandomSampler, Sampler
 
 from ..core.world import Local, all_gather_rows
+from ..data.memmap import MemmapBatches
 from ..data.options import custom_sampler, loader_options
 from ..data.sources import BatchSource, LoaderBatches, TensorBatches
+from ..data.streams import StreamBatches
 from ..errors import DataError
 
 __all__ = ["Distributed", "from_env", "world_size_from_env"]
@@ -82,9 +90,29 @@ def _shards_itself(dl: DataLoader) -> bool:
 class _ShardedTensorBatches(TensorBatches):
     """The fast path over one rank's shard, re-drawn every epoch."""
 
+    sampler: ShardSampler
+
     def __init__(self, base: TensorBatches, sampler: ShardSampler) -> None:
         super().__init__(base.leaves, base.spec, batch_size=base.batch_size, shuffle=False,
                          drop_last=base.drop_last, weighted=base.weighted)
+        self.sampler = sampler
+        self.num_samples = len(sampler)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def epoch_order(self) -> Tensor:
+        return self.sampler.order()
+
+
+class _ShardedMemmapBatches(MemmapBatches):
+    """Memory-mapped arrays over one rank's shard, re-drawn every epoch: only this rank's rows are read."""
+
+    sampler: ShardSampler
+
+    def __init__(self, base: MemmapBatches, sampler: ShardSampler) -> None:
+        self.__dict__.update(base.__dict__)  # the same files and rows; the sampler draws the order
+        self.shuffle = False
         self.sampler = sampler
         self.num_samples = len(sampler)
 
@@ -128,16 +156,22 @@ class Distributed(Local):
         if isinstance(source, TensorBatches):
             sampler = ShardSampler(source.num_samples, self.rank, self.world_size,
                                    shuffle=source.shuffle and train, seed=self.seed)
+            if isinstance(source, MemmapBatches):
+                return _ShardedMemmapBatches(source, sampler)
             return _ShardedTensorBatches(source, sampler)
         if isinstance(source, LoaderBatches):
             dl = source.loader
-            if isinstance(dl.dataset, IterableDataset):
-                warnings.warn(
-                    "An IterableDataset cannot be sharded by lanterna under DDP: every rank reads all of it. "
-                    "Shard inside the dataset (torch.distributed.get_rank() / get_world_size()).",
-                    stacklevel=3,
-                )
-                return source
+            if isinstance(dl.dataset, IterableDataset):  # ranks × workers shards (data/streams.py)
+                stream = source if isinstance(source, StreamBatches) else StreamBatches.from_loader(dl)
+                workers = stream.num_workers
+                if self.min_int(workers) != -self.min_int(-workers):
+                    raise DataError(
+                        f"Under torchrun every rank must read a stream with the same number of DataLoader workers "
+                        f"(rank {self.rank} has num_workers={workers}, another rank a different number): sample i "
+                        "goes to shard i mod (ranks x workers), so different counts would drop or repeat samples. "
+                        "Use the same num_workers on every rank."
+                    )
+                return stream.sharded(self.rank, self.world_size)
             if isinstance(dl.sampler, ShardSampler):
                 return source
             name = custom_sampler(dl)
@@ -161,16 +195,28 @@ class Distributed(Local):
 
     @staticmethod
     def total_samples(source: BatchSource) -> int:
-        """Samples over all ranks of a source made by :meth:`shard`."""
-        sampler = (source.sampler if isinstance(source, _ShardedTensorBatches)
+        """Samples over all ranks of a source made by :meth:`shard` (map-style data and arrays)."""
+        sampler = (source.sampler if isinstance(source, (_ShardedTensorBatches, _ShardedMemmapBatches))
                    else source.loader.sampler)  # type: ignore[attr-defined]
         return sampler.n
 
-    def phase_context(self, training: bool) -> contextlib.AbstractContextManager[Any]:
-        """Training under ``join()``: ranks with fewer batches shadow the others' all-reduces."""
-        if training and self._ddp is not None:
-            return self._ddp.join()
-        return contextlib.nullcontext()
+    def adapt(self, accelerator: Any) -> Any:
+        """The accelerator the step uses (DDP: the fit's own)."""
+        return accelerator
+
+    def full_state_dict(self, model: nn.Module) -> dict[str, Tensor]:
+        """The model's whole state dict (each DDP rank holds all of it)."""
+        return model.state_dict()
+
+    def balance(self, source: BatchSource, *, training: bool) -> BatchSource:
+        """``source`` (this rank's shard) made to yield as many batches as every other rank's: in training, where
+        each step all-reduces gradients (:class:`~lanterna.integrations.even_batches.EvenBatches`). Validation,
+        evaluate and predict run the bare module (no collective inside a batch): their shards stay as they are."""
+        if not training or self._ddp is None:
+            return source
+        from .even_batches import EvenBatches
+
+        return EvenBatches(source, self)
 
     def set_grad_sync(self, enabled: bool) -> None:
         """Whether the next training forward/backward all-reduces gradients (``DDP.no_sync`` without the
@@ -220,8 +266,10 @@ def _destroy() -> None:
         dist.destroy_process_group()
 
 
-def from_env(accelerator: Any, seed: int | None) -> Distributed | None:
+def from_env(accelerator: Any, seed: int | None, make: Callable[..., Distributed] = Distributed) -> Distributed | None:
     """A :class:`Distributed` when launched by torchrun with WORLD_SIZE > 1, else None.
+
+    ``make(rank, world_size, local_rank, device, seed)`` builds it (FSDP's world: :func:`.fsdp.from_env`).
 
     Initialises the default process group once (nccl on cuda, gloo on cpu) and picks ``cuda:LOCAL_RANK``.
     """
@@ -249,4 +297,4 @@ def from_env(accelerator: Any, seed: int | None) -> Distributed | None:
                                                                                         device=device)
         dist.broadcast(t, src=0)
         seed = int(t.item())
-    return Distributed(rank, world, local_rank, device, seed)
+    return make(rank, world, local_rank, device, seed)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
@@ -151,7 +152,13 @@ def sweep_temp_files(folder: str | os.PathLike[str], *, all_processes: bool = Fa
         return removed
     for entry in folder.iterdir():
         name = entry.name
-        if not (name.startswith(".") and TEMP_MARKER in name) or not entry.is_file():
+        if not (name.startswith(".") and TEMP_MARKER in name):
+            continue
+        if entry.is_dir():  # a sharded checkpoint (FSDP) that was never committed: its writers are gone
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+            continue
+        if not entry.is_file():
             continue
         pid_part = name.rsplit(TEMP_MARKER, 1)[1].split("-", 1)[0]
         if not all_processes and pid_part.isdigit() and _pid_alive(int(pid_part)):

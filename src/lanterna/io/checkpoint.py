@@ -17,9 +17,11 @@ emptied) whatever the damage hits. Files are written atomically (:mod:`lanterna.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
+import shutil
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -43,6 +45,7 @@ __all__ = [
     "verify_checkpoint",
     "scan_checkpoints",
     "check_writable",
+    "remove_checkpoint",
 ]
 
 FORMAT = "lanterna.checkpoint"
@@ -403,3 +406,24 @@ def check_writable(folder: str | os.PathLike[str], who: str) -> None:
             f"{who} cannot write to {str(folder)!r}: {explain_write_error(e)} (checked before training, so no "
             "epoch is lost)."
         ) from e
+
+
+def remove_checkpoint(path: str | os.PathLike[str]) -> None:
+    """Remove a checkpoint: a file, or the folder of a sharded (FSDP) checkpoint; a missing one is no error.
+
+    Args:
+        path: the checkpoint.
+
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> from lanterna.io.checkpoint import remove_checkpoint, save_checkpoint
+    >>> p = save_checkpoint(Path(tempfile.mkdtemp()) / "c.pt", {"model": {}})
+    >>> remove_checkpoint(p); p.exists()
+    False
+    """
+    p = Path(path)
+    if p.is_dir():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()

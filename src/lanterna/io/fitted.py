@@ -33,7 +33,8 @@ __all__ = ["save_fitted", "read_fitted"]
 
 
 def save_fitted(fitted: Any, path: str | os.PathLike[str], *,
-                training_state: Mapping[str, Any] | None = None) -> Path:
+                training_state: Mapping[str, Any] | None = None,
+                weights: Mapping[str, Any] | None = None) -> Path:
     """Write ``fitted``'s weights (safetensors) and metadata (JSON), atomically as a whole; see
     :meth:`lanterna.Fitted.save`, its only caller. Values that cannot be stored (a function as an hparam ...)
     are recorded by their description and named in a warning; ``ln.load`` then asks for them.
@@ -45,6 +46,8 @@ def save_fitted(fitted: Any, path: str | os.PathLike[str], *,
         path: a folder, or a file name ending in ``.safetensors``.
         training_state: the optimizers', schedulers' and grad scaler's states to keep as well
             (``fitted.save(path, optimizer=True)``: ``Fitted.training_state()``), tensors stored exactly.
+        weights: the state dict to write instead of ``fitted.model.state_dict()`` (FSDP: the full model gathered
+            from the shards).
 
     >>> import tempfile, lanterna as ln
     >>> from torch import nn
@@ -70,7 +73,8 @@ def save_fitted(fitted: Any, path: str | os.PathLike[str], *,
     if training_state is not None:
         meta["training_state"] = dict(training_state)
     unsaved: list[str] = []
-    out = save_artifact(path, fitted.model.state_dict(), meta, unsaved=unsaved)
+    state = fitted.model.state_dict() if weights is None else weights
+    out = save_artifact(path, state, meta, unsaved=unsaved)
     needed = [u for u in unsaved if u.startswith(("hparams", "opt_hparams", "training_state"))]
     if needed:
         warnings.warn(

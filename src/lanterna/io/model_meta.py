@@ -15,7 +15,28 @@ from torch import nn
 from .encoding import describe_value
 from .resolve import import_path
 
-__all__ = ["describe_module"]
+__all__ = ["describe_module", "user_class"]
+
+
+def user_class(model: nn.Module) -> type:
+    """The class the user wrote: FSDP's ``fully_shard`` swaps a module's class for ``FSDP<Name>(FSDPModule,
+    Name)``, which no import path names.
+
+    Args:
+        model: a module.
+
+    Returns:
+        its class, or the class it had before ``fully_shard``.
+
+    >>> from torch import nn
+    >>> from lanterna.io.model_meta import user_class
+    >>> user_class(nn.Linear(2, 1)).__name__
+    'Linear'
+    """
+    cls = type(model)
+    while len(cls.__bases__) == 2 and cls.__bases__[0].__name__ == "FSDPModule":
+        cls = cls.__bases__[1]
+    return cls
 
 
 def describe_module(setup: Any, model: nn.Module | None) -> dict[str, Any]:
@@ -38,9 +59,9 @@ def describe_module(setup: Any, model: nn.Module | None) -> dict[str, Any]:
     if inspect.isclass(spec) and issubclass(spec, nn.Module):
         kind, module_path = "class", import_path(spec)
     elif isinstance(spec, nn.Module):
-        kind, module_path = "instance", import_path(type(spec))
+        kind, module_path = "instance", import_path(user_class(spec))
     else:
-        kind, module_path = "factory", None if model is None else import_path(type(model))
+        kind, module_path = "factory", None if model is None else import_path(user_class(model))
     optimizer = setup.optimizer if setup is not None else None
     return {
         "module": module_path,
