@@ -393,9 +393,24 @@ def render_saved(args: argparse.Namespace) -> None:
     report = markdown(summary, info, args, loads, info.get("wall_s", 0.0))
     print(report)
     if args.write:
-        with open(args.out, "w") as f:
-            f.write(report)
-        print(f"wrote {args.out}", file=sys.stderr)
+        write_report(args.out, report)
+
+
+#: sections of the report written by other scripts (bench/scaling.py, bench/ddp.py): kept when this one rewrites it
+KEPT_FROM = "## Scale (issue 15)"
+
+
+def write_report(path: str, report: str) -> None:
+    """Write ``report`` to ``path``, keeping the sections other scripts wrote there (from :data:`KEPT_FROM` on)."""
+    kept = ""
+    if os.path.exists(path):
+        with open(path) as f:
+            old = f.read()
+        if KEPT_FROM in old:
+            kept = "\n" + old[old.index(KEPT_FROM):]
+    with open(path, "w") as f:
+        f.write(report.rstrip("\n") + "\n" + kept)
+    print(f"wrote {path}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -454,9 +469,7 @@ def main(argv: list[str] | None = None) -> None:
         with open(args.json, "w") as f:
             json.dump({"machine": info, "results": results}, f, separators=(",", ":"))
     if write:
-        with open(args.out, "w") as f:
-            f.write(report)
-        print(f"wrote {args.out}", file=sys.stderr)
+        write_report(args.out, report)
 
 
 if __name__ == "__main__":
