@@ -86,8 +86,9 @@ def run(mode: str, out: Path, strategy: str, *, accumulate: bool = False, precis
         callbacks.append(ln.callbacks.EMA(decay=0.9))
     if poison:
         callbacks.append(PoisonRank1Shard())
-    if mode == "resume":
-        callbacks += [ln.callbacks.AutoResume(out / "resume"), KillRank1Once(out / "killed")]
+    if mode == "resume":  # with a ModelCheckpoint too: its files are sharded folders as well
+        callbacks += [ln.callbacks.ModelCheckpoint(out / "best", save_best_only=True),
+                      ln.callbacks.AutoResume(out / "resume"), KillRank1Once(out / "killed")]
     fitted = setup.fit(train, valid_data=valid, epochs=4, seed=3, accelerator=acc, callbacks=callbacks,
                        verbose=False, dataloader_options={"batch_size": 25})
     preds = fitted.predict(valid[0])

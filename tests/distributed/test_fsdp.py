@@ -117,6 +117,21 @@ def test_fsdp_killed_rank_resumes_bit_exact_from_the_sharded_checkpoint(runs: Pa
     assert not (runs / "resume").exists()  # a completed fit removes its resume state
 
 
+def test_fsdp_model_checkpoints_are_committed_sharded_folders_with_checksums(runs: Path) -> None:
+    from lanterna.integrations.fsdp import STATE_FILE, ShardedCheckpoints
+    from lanterna.io.atomic import TEMP_MARKER
+
+    store = ShardedCheckpoints(world=None)  # type: ignore[arg-type]
+    found = store.scan(runs / "best", pattern="*.pt")
+    assert found and all(info.path.is_dir() for info in found)
+    assert not [p for p in (runs / "best").iterdir() if TEMP_MARKER in p.name]  # nothing left half-written
+    for info in found:
+        store.verify(info.state, info.path)  # every shard file matches its SHA-256
+        assert {"__0_0.distcp", "__1_0.distcp", "dcp-metadata.pt", STATE_FILE} <= {p.name for p in info.path.iterdir()}
+        assert ".metadata" not in {p.name for p in info.path.iterdir()}  # DCP's pickle is never kept
+        assert info.state["history"] and info.state["model"] == {}  # the weights live in the shards
+
+
 def test_ema_under_fsdp_is_refused_with_the_fix_on_every_rank(runs: Path) -> None:
     for r in range(2):
         assert "strategy='ddp'" in (runs / f"ema_refused_{r}.txt").read_text()

@@ -75,6 +75,11 @@ class ResumeFromCheckpoint(Callback):
         return found[0].path
 
     def on_fit_begin(self, ctx: Context) -> None:
+        if ctx.world.shards_parameters:
+            raise CheckpointError(
+                "ResumeFromCheckpoint under Accelerator(strategy='fsdp') is not supported: its checkpoints are "
+                "sharded folders. Use ln.callbacks.AutoResume(folder) to continue an FSDP fit, or start from a "
+                "model saved with fitted.save (ln.load(path).model as the module of ln.setup).")
         path = self._file()
         state = load_checkpoint(path)
         where = str(path)
