@@ -10,7 +10,8 @@ import torch
 
 from lanterna.errors import DamagedCheckpointError
 from lanterna.integrations.even_batches import EvenBatches, empty_like
-from lanterna.integrations.fsdp import METADATA_FILE, STATE_FILE, ShardedCheckpoints, _sha256
+from lanterna.integrations.fsdp import METADATA_FILE, STATE_FILE, ShardedCheckpoints
+from lanterna.io.artifact_read import file_sha256
 from lanterna.io.atomic import TEMP_MARKER, sweep_temp_files
 from lanterna.io.checkpoint import remove_checkpoint, save_checkpoint
 
@@ -19,7 +20,7 @@ def fake_checkpoint(folder: Path, step: int) -> Path:
     folder.mkdir(parents=True)
     (folder / "__0_0.distcp").write_bytes(b"shard of rank 0" * 10)
     (folder / METADATA_FILE).write_bytes(b"metadata")
-    files = {p.name: _sha256(p) for p in folder.iterdir()}
+    files = {p.name: file_sha256(p) for p in folder.iterdir()}
     save_checkpoint(folder / STATE_FILE, {"model": {}, "epoch": step, "step": step,
                                           "sharded": {"format": "torch.distributed.checkpoint", "files": files}})
     return folder

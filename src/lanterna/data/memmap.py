@@ -37,6 +37,7 @@ from torch import Tensor
 
 from ..errors import DataError
 from .sources import TensorBatches
+from .structure import unflatten
 
 __all__ = ["MemmapBatches", "batch_dtype", "is_memory_mapped"]
 
@@ -387,25 +388,10 @@ class MemmapBatches(TensorBatches):
                     parts.append(t)
                 if self.weighted:
                     *parts, weight = parts
-                    yield (tuple(parts) if self._flat else _unflatten(parts, self.spec)), weight
+                    yield (tuple(parts) if self._flat else unflatten(parts, self.spec)), weight
                 else:
-                    yield tuple(parts) if self._flat else _unflatten(parts, self.spec)
+                    yield tuple(parts) if self._flat else unflatten(parts, self.spec)
         finally:
             for fd in fds.values():
                 os.close(fd)
 
-
-def _unflatten(leaves: list[Tensor], spec: Any) -> Any:
-    """:func:`lanterna.data.structure.unflatten` without a closure: its recursive inner function is a reference
-    cycle that keeps each batch's tensors alive until the garbage collector runs (dozens of batches later)."""
-    return leaves[0] if spec is None else _build(spec, iter(leaves))
-
-
-def _build(spec: Any, leaves: Iterator[Tensor]) -> Any:
-    if spec is None:
-        return next(leaves)
-    kind, children = spec
-    if kind == "dict":
-        return {k: _build(c, leaves) for k, c in children}
-    items = [_build(c, leaves) for c in children]
-    return tuple(items) if kind == "tuple" else items

@@ -116,11 +116,8 @@ class _ShardedMemmapBatches(MemmapBatches):
         self.sampler = sampler
         self.num_samples = len(sampler)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
-
-    def epoch_order(self) -> Tensor:
-        return self.sampler.order()
+    set_epoch = _ShardedTensorBatches.set_epoch  # the order: the sampler's, re-drawn every epoch
+    epoch_order = _ShardedTensorBatches.epoch_order
 
 
 class Distributed(Local):

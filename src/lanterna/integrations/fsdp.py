@@ -28,7 +28,6 @@ backward. What lanterna adds around torch's engine:
 from __future__ import annotations
 
 import copy
-import hashlib
 import io
 import os
 import shutil
@@ -42,6 +41,7 @@ from torch import Tensor, nn
 
 from ..data.sources import BatchSource
 from ..errors import CheckpointError, DamagedCheckpointError, ModelMismatchError
+from ..io.artifact_read import file_sha256
 from ..io.atomic import TEMP_MARKER, explain_write_error, fsync_dir
 from ..io.checkpoint import CheckpointInfo, load_checkpoint, remove_checkpoint, save_checkpoint, verify_checkpoint
 from .distributed import Distributed
@@ -170,14 +170,6 @@ def _metadata_classes() -> list[Any]:
             metadata._MEM_FORMAT_ENCODING, filesystem._StorageInfo]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _reader(folder: Path) -> Any:
     """DCP's file reader, with its metadata read from our weights-only file instead of DCP's pickle."""
     from torch.distributed.checkpoint import FileSystemReader
@@ -263,7 +255,7 @@ class ShardedCheckpoints:
         buf = io.BytesIO()
         torch.save(meta, buf)
         (tmp / METADATA_FILE).write_bytes(buf.getvalue())
-        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         for name in files:
             with open(tmp / name, "rb") as f:
                 os.fsync(f.fileno())
@@ -310,7 +302,7 @@ class ShardedCheckpoints:
             raise DamagedCheckpointError(f"The sharded checkpoint {str(path)!r} records no DCP metadata file.")
         for name, digest in files.items():
             f = path / Path(name).name
-            if not f.is_file() or _sha256(f) != digest:
+            if not f.is_file() or file_sha256(f) != digest:
                 raise DamagedCheckpointError(f"The sharded checkpoint {str(path)!r} is damaged: its file {name} is "
                                              "missing or does not match its SHA-256 checksum.")
 

@@ -30,7 +30,7 @@ from .artifact import (
 from .encoding import decode_json
 from .resolve import _short
 
-__all__ = ["sniff", "read_artifact"]
+__all__ = ["sniff", "read_artifact", "file_sha256"]
 
 _TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"  # torch.save without zip
 
@@ -70,7 +70,19 @@ def sniff(path: str | os.PathLike[str]) -> str:
     return "unknown"
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes (hex), read in 1 MiB blocks.
+
+    Args:
+        path: the file.
+
+    >>> import tempfile, hashlib
+    >>> from pathlib import Path
+    >>> from lanterna.io.artifact_read import file_sha256
+    >>> p = Path(tempfile.mkdtemp()) / "f"; _ = p.write_bytes(b"abc")
+    >>> file_sha256(p) == hashlib.sha256(b"abc").hexdigest()
+    True
+    """
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -182,7 +194,7 @@ def _read_weights(weights: Path, entry: Mapping[str, Any]) -> dict[str, torch.Te
     if size != entry["bytes"]:
         raise DamagedArtifactError(f"{str(weights)!r} has {size} bytes, {META_NAME} says {entry['bytes']}: it is "
                                    "damaged (truncated?). Save the model again, or restore it from a backup.")
-    digest = _file_sha256(weights)
+    digest = file_sha256(weights)
     if digest != entry["sha256"]:
         raise DamagedArtifactError(
             f"{str(weights)!r} fails its SHA-256 checksum (recorded {entry['sha256'][:16]}..., the file gives "
