@@ -8,8 +8,6 @@ workers (:mod:`lanterna.data.streams`).
 
 from __future__ import annotations
 
-import os
-import sys
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -21,7 +19,14 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler
 
 from ..errors import DataError
 from .memmap import MemmapBatches, is_memory_mapped
-from .options import _LOADER_DEFAULTS, _check_options, _loader_is_plain, custom_sampler, loader_options
+from .options import (
+    _LOADER_DEFAULTS,
+    _check_options,
+    _loader_is_plain,
+    _user_stacklevel,
+    custom_sampler,
+    loader_options,
+)
 from .sources import BatchSource, LoaderBatches, TensorBatches
 from .streams import StreamBatches
 from .structure import flatten
@@ -330,12 +335,3 @@ def _from_dataset(ds: Dataset, *, train: bool, options: dict[str, Any], what: st
     return LoaderBatches(loader, build=(ds, opts, frozenset(options)))  # tuned at to_device
 
 
-_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
-
-
-def _user_stacklevel() -> int:
-    """The ``stacklevel`` that makes a warning raised by our caller point at the first frame outside lanterna."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
-        frame, level = frame.f_back, level + 1  # type: ignore[assignment]
-    return level

@@ -8,6 +8,8 @@ from __future__ import annotations
 import difflib
 import inspect
 import numbers
+import os
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -120,3 +122,14 @@ def loader_options(dl: DataLoader) -> dict[str, Any]:
     if getattr(dl, "in_order", True) is False:
         opts["in_order"] = False
     return opts
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning raised by our caller point at the first frame outside lanterna."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1  # type: ignore[assignment]
+    return level

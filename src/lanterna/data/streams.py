@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import inspect
 import itertools
-import os
-import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -40,7 +38,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torch.utils.data._utils.collate import default_collate, default_convert
 
 from ..errors import DataError
-from .options import loader_options
+from .options import _user_stacklevel, loader_options
 from .sources import LoaderBatches
 from .structure import batch_size_of, flatten, split_batch, unflatten
 
@@ -168,17 +166,6 @@ class _KeyedCollate:
             return torch.tensor(position, dtype=torch.int64), self.collate(sample)
         return (torch.tensor([p for p, _ in items], dtype=torch.int64),
                 self.collate([sample for _, sample in items]))
-
-
-_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
-
-
-def _user_stacklevel() -> int:
-    """The ``stacklevel`` of a warning raised by our caller that points at the first frame outside lanterna."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
-        frame, level = frame.f_back, level + 1  # type: ignore[assignment]
-    return level
 
 
 def _seems_to_split_itself(dataset: Any) -> bool:
