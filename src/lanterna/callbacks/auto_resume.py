@@ -139,6 +139,8 @@ class AutoResume(Callback):
                     continue
                 chosen = (info.path, info.state)
             self._kept.append((info.step, info.epoch, info.path))
+        if sharded is not None:  # FSDP: every rank checks the same folders; none is set aside while one still reads
+            sharded.world.barrier()
         for path, reason in damaged:
             fallback = (f"resuming from {chosen[0].name} (epoch {chosen[1].get('epoch')})" if chosen
                         else "no whole checkpoint is left, so training starts afresh")
